@@ -1,0 +1,76 @@
+# mmlib — make setup | reproduce | test | lab | sync | clean
+# `make help` lists the targets and variables.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mmlib-setup
+
+PROFILE ?= quick
+NB      ?=
+RESULTS ?= results
+SEED    ?=
+DEVICE  ?=
+
+NOTEBOOKS := $(sort $(filter-out notebooks/_%,$(wildcard notebooks/$(NB)*.py)))
+NB_NAMES  := $(notdir $(basename $(NOTEBOOKS)))
+
+RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE))
+
+.PHONY: help setup constraints reproduce test lab sync clean $(addprefix run-,$(NB_NAMES))
+
+help:  ## list targets
+	@echo "make setup       create $(VENV) with pinned dependencies and the 'mmlib' Jupyter kernel"
+	@echo "make reproduce   execute every notebook into $(RESULTS)/ and build $(RESULTS)/index.html"
+	@echo "                 NB=p2 (notebooks starting with p2)  PROFILE=smoke|quick|full  SEED=0  DEVICE=cpu|cuda  -j N"
+	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
+	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
+	@echo "make sync        regenerate the paired .ipynb from the .py notebooks"
+	@echo "make clean       remove results, generated data and caches (keeps $(VENV))"
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency declarations change. torch goes first and pinned, so no
+# later requirement can pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "mmlib needs Python >= 3.11, found " + sys.version.split()[0] + " at " + sys.executable)'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$$(sed -n 's/^torch==//p' constraints.txt)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name mmlib --display-name "Python (mmlib)" >/dev/null
+	@touch $(STAMP)
+	@echo "setup done: $(VENV) ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"
+
+# Re-pin constraints.txt to what is installed in $(VENV) (after changing pyproject.toml).
+constraints: setup
+	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable --disable-pip-version-check \
+	   | grep -v -i '^mmlib' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.tmp
+	@mv constraints.txt.tmp constraints.txt && echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
+
+reproduce: setup
+	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in notebooks/ starts with '$(NB)'"; exit 2; }
+	@$(MAKE) --no-print-directory $(addprefix run-,$(NB_NAMES)); status=$$?; \
+	  $(PY) -m mmlib index $(RESULTS); \
+	  if [ $$status -ne 0 ]; then echo "make reproduce: at least one notebook failed (see above and $(RESULTS)/index.html)"; fi; \
+	  exit $$status
+
+$(addprefix run-,$(NB_NAMES)): run-%: setup
+	@echo "==> $* (profile $(PROFILE))"
+	@$(PY) -m mmlib run notebooks/$*.py $(RUN_ARGS)
+
+test: setup
+	$(PY) -m pytest
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+sync: setup
+	$(VENV)/bin/jupytext --sync notebooks/[!_]*.py
+
+clean:
+	rm -rf $(RESULTS) data .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
+	find notebooks -name '*.ipynb' -delete

@@ -1,0 +1,1 @@
+"""One module per notebook: the stages of each paper's pipeline as plain functions."""
