@@ -15,7 +15,8 @@ RESULTS ?= results
 SEED    ?=
 DEVICE  ?=
 
-NOTEBOOKS := $(sort $(filter-out notebooks/_%,$(wildcard notebooks/$(NB)*.py)))
+NOTEBOOK_DIR ?= notebooks
+NOTEBOOKS := $(sort $(filter-out $(NOTEBOOK_DIR)/_%,$(wildcard $(NOTEBOOK_DIR)/$(NB)*.py)))
 NB_NAMES  := $(notdir $(basename $(NOTEBOOKS)))
 
 RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE))
@@ -51,7 +52,7 @@ constraints: setup
 	@mv constraints.txt.tmp constraints.txt && echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
 
 reproduce: setup
-	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in notebooks/ starts with '$(NB)'"; exit 2; }
+	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }
 	@$(MAKE) --no-print-directory $(addprefix run-,$(NB_NAMES)); status=$$?; \
 	  $(PY) -m mmlib index $(RESULTS); \
 	  if [ $$status -ne 0 ]; then echo "make reproduce: at least one notebook failed (see above and $(RESULTS)/index.html)"; fi; \
@@ -59,7 +60,7 @@ reproduce: setup
 
 $(addprefix run-,$(NB_NAMES)): run-%: setup
 	@echo "==> $* (profile $(PROFILE))"
-	@$(PY) -m mmlib run notebooks/$*.py $(RUN_ARGS)
+	@$(PY) -m mmlib run $(NOTEBOOK_DIR)/$*.py $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest

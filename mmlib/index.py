@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from mmlib.results import PAPER_VS_RUN, atomic_write_text, git_commit
 __all__ = ["build_index", "collect_runs"]
 
 MAX_ROWS = 60
+COLLAPSE_ROWS = 12
 
 _CSS = """
 :root { --fg:#1d2330; --muted:#5b6475; --line:#d9dee7; --bg:#ffffff; --panel:#f6f8fb;
@@ -51,6 +53,7 @@ figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 .pvr { border: 2px solid var(--accent); padding: 6px 14px 10px; background: #f3f7ff; }
 .note { color: var(--muted); font-size: 12.5px; }
+summary { cursor: pointer; color: var(--accent); font-size: 13px; }
 """
 
 
@@ -64,6 +67,13 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _display_number(text: str) -> str:
+    """Four significant digits for reading; the CSV beside the page keeps the full value."""
+    if re.fullmatch(r"[+-]?\d+", text.strip()):
+        return text
+    return f"{float(text):.4g}"
 
 
 def _held_class(text: str) -> str:
@@ -83,9 +93,10 @@ def _csv_table(path: Path, max_rows: int = MAX_ROWS) -> str:
         out.append("<tr>")
         for j, cell in enumerate(row):
             cls = "num" if _is_number(cell) else ""
+            shown = _display_number(cell) if cls else cell
             if j == held_col:
                 cls = _held_class(cell)
-            out.append(f"<td class='{cls}'>{_e(cell)}</td>" if cls else f"<td>{_e(cell)}</td>")
+            out.append(f"<td class='{cls}'>{_e(shown)}</td>" if cls else f"<td>{_e(shown)}</td>")
         out.append("</tr>")
     out.append("</tbody></table>")
     if len(body) > max_rows:
@@ -173,19 +184,6 @@ def _section(entry: dict[str, Any], root: Path) -> str:
             f"{_csv_table(sub / 'tables' / f'{PAPER_VS_RUN}.csv')}"
             "<p class='note'>'paper reported' is copied from the paper; 'this run' was computed in the execution above.</p></div>"
         )
-    for art in tables:
-        if art["name"] == PAPER_VS_RUN:
-            continue
-        csv_path = sub / "tables" / f"{art['name']}.csv"
-        if not csv_path.exists():
-            continue
-        rel = csv_path.relative_to(root).as_posix()
-        parts.append(
-            f"<h3>{_e(art['name'])}</h3>"
-            + (f"<p class='caption'>{_e(art['caption'])}</p>" if art.get("caption") else "")
-            + _csv_table(csv_path)
-            + f"<p class='note'><a href='{_e(rel)}'>CSV</a> · <a href='{_e(rel[:-4] + '.md')}'>Markdown</a></p>"
-        )
     if figures:
         parts.append("<h3>Figures</h3><div class='figs'>")
         for art in figures:
@@ -200,6 +198,23 @@ def _section(entry: dict[str, Any], root: Path) -> str:
                 f" · <a href='{_e(svg)}'>SVG</a></figcaption></figure>"
             )
         parts.append("</div>")
+    for art in tables:
+        if art["name"] == PAPER_VS_RUN:
+            continue
+        csv_path = sub / "tables" / f"{art['name']}.csv"
+        if not csv_path.exists():
+            continue
+        rel = csv_path.relative_to(root).as_posix()
+        table = _csv_table(csv_path)
+        n_rows = table.count("<tr>") - 1
+        if n_rows > COLLAPSE_ROWS:
+            table = f"<details><summary>{n_rows} rows (click to show)</summary>{table}</details>"
+        parts.append(
+            f"<h3>{_e(art['name'])}</h3>"
+            + (f"<p class='caption'>{_e(art['caption'])}</p>" if art.get("caption") else "")
+            + table
+            + f"<p class='note'><a href='{_e(rel)}'>CSV</a> · <a href='{_e(rel[:-4] + '.md')}'>Markdown</a></p>"
+        )
     stages = rec.get("stages_s") or {}
     if stages:
         parts.append(

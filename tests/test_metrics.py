@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from sksurv.metrics import concordance_index_censored
+
+from mmlib import metrics
+
+
+def test_concordance_index_known_values():
+    time = np.array([1.0, 2.0, 3.0, 4.0])
+    event = np.array([True, True, True, True])
+    assert metrics.concordance_index(event, time, np.array([4, 3, 2, 1])) == 1.0
+    assert metrics.concordance_index(event, time, np.array([1, 2, 3, 4])) == 0.0
+    # One discordant pair out of six.
+    assert metrics.concordance_index(event, time, np.array([4, 3, 1, 2])) == pytest.approx(5 / 6)
+
+
+def test_concordance_index_matches_sksurv_with_censoring():
+    rng = np.random.default_rng(0)
+    time = rng.exponential(10, 200)
+    event = rng.random(200) < 0.6
+    risk = -time + rng.normal(0, 5, 200)
+    expected = concordance_index_censored(event, time, risk)[0]
+    assert metrics.concordance_index(event, time, risk) == pytest.approx(expected, abs=0)
+
+
+def test_concordance_index_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="one length"):
+        metrics.concordance_index(np.ones(3, bool), np.ones(3), np.ones(4))
+
+
+def test_bootstrap_ci_brackets_estimate_and_is_seeded():
+    rng = np.random.default_rng(1)
+    x = rng.normal(2.0, 1.0, 400)
+    est, lo, hi = metrics.bootstrap_ci(np.mean, x, n_boot=500, seed=3)
+    assert est == pytest.approx(x.mean())
+    assert lo < est < hi
+    # The percentile interval of a mean is close to +-1.96 standard errors.
+    se = x.std(ddof=1) / np.sqrt(len(x))
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert metrics.bootstrap_ci(np.mean, x, n_boot=500, seed=3) == (est, lo, hi)
+    assert metrics.bootstrap_ci(np.mean, x, n_boot=500, seed=4) != (est, lo, hi)
+
+
+def test_bootstrap_ci_skips_undefined_resamples_and_checks_input():
+    def picky(x):
+        if x.sum() == 0:
+            raise ValueError("undefined")
+        return float(x.mean())
+
+    x = np.r_[np.zeros(3), 1.0]
+    est, lo, hi = metrics.bootstrap_ci(picky, x, n_boot=200, seed=0)
+    assert 0 < lo <= hi <= 1
+    with pytest.raises(ValueError, match="same length"):
+        metrics.bootstrap_ci(lambda a, b: 0.0, np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="every bootstrap"):
+        metrics.bootstrap_ci(lambda a: float("nan"), np.ones(3), n_boot=5)
