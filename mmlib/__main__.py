@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
             data_dir=args.data_dir,
-            progress_bar=args.progress,
+            progress_bar=sys.stderr.isatty() if args.progress is None else args.progress,
             timeout_s=args.timeout,
         )
     except NotebookFailed as err:
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--data-dir", default=None)
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    run.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="papermill's per-cell progress bar (default: when stderr is a terminal)")
     run.set_defaults(func=_cmd_run)
 
     index = sub.add_parser("index", help="(re)build results/index.html")

@@ -305,7 +305,7 @@ def progress(iterable: Iterable[T], *, desc: str | None = None, total: int | Non
         warnings.simplefilter("ignore")
         from tqdm.auto import tqdm
 
-        disable = os.environ.get("MMLIB_PROGRESS", "1") == "0"
+        disable = kwargs.pop("disable", False) or os.environ.get("MMLIB_PROGRESS", "1") == "0"
         kwargs.setdefault("mininterval", 2.0)
         kwargs.setdefault("dynamic_ncols", True)
         return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)

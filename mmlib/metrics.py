@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mmlib import core
+
 __all__ = ["bootstrap_ci", "concordance_index"]
 
 
@@ -36,12 +38,21 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    desc: str | None = "bootstrap",
 ) -> tuple[float, float, float]:
     """Point estimate and percentile bootstrap confidence interval of ``metric(*arrays)``.
 
     Subjects are resampled with replacement (the same indices for every array). Resamples on
     which the metric is undefined (it raises, or returns NaN, e.g. no comparable pair) are
     skipped.
+
+    Args:
+        metric: a function of the arrays returning a float.
+        *arrays: (N, ...) arrays indexed by subject.
+        n_boot: number of resamples.
+        level: coverage of the interval.
+        seed: seed of the resampling generator (independent of global state).
+        desc: label of the progress bar (``None`` hides it).
 
     Returns:
         ``(estimate, lower, upper)``.
@@ -57,7 +68,7 @@ def bootstrap_ci(
     estimate = float(metric(*arrays))
     rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_boot):
+    for _ in core.progress(range(n_boot), desc=desc, disable=desc is None, leave=False):
         idx = rng.integers(0, n, n)
         try:
             v = float(metric(*(a[idx] for a in arrays)))

@@ -15,10 +15,12 @@ one the runner:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,21 @@ def read_notebook(path: str | Path) -> nbformat.NotebookNode:
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY_NAME, "language": "python"}
     nb.metadata.setdefault("language_info", {"name": "python"})
     return nb
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _error_summary(err: Exception, nb: nbformat.NotebookNode | None) -> str:
@@ -195,15 +212,18 @@ def run_notebook(
     start = time.perf_counter()
     error: Exception | None = None
     try:
-        papermill.execute_notebook(
-            str(src_ipynb),
-            str(out_ipynb),
-            parameters=params,
-            kernel_name=kernel_name,
-            cwd=str(path.parent),
-            progress_bar=progress_bar,
-            execution_timeout=timeout_s,
-        )
+        # Progress bars would only leave redraw debris in the executed notebook; the kernel
+        # inherits this variable (set for the call only) and mmlib.core.progress honours it.
+        with _environ(MMLIB_PROGRESS=os.environ.get("MMLIB_PROGRESS", "0")):
+            papermill.execute_notebook(
+                str(src_ipynb),
+                str(out_ipynb),
+                parameters=params,
+                kernel_name=kernel_name,
+                cwd=str(path.parent),
+                progress_bar=progress_bar,
+                execution_timeout=timeout_s,
+            )
     except Exception as err:  # papermill raises PapermillExecutionError, or kernel errors
         error = err
     wall = time.perf_counter() - start

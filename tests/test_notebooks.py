@@ -156,7 +156,7 @@ def test_make_reproduce_exits_nonzero_naming_notebook_and_cell(tmp_path):
     _write_notebook(nbdir, "p9_ok", _GOOD.replace("VALUE", "3"))
     _write_notebook(nbdir, "p9_bad", _BAD)
     res = tmp_path / "results"
-    proc = _make("reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9", "PROFILE=smoke")
+    proc = _make("-j2", "reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9", "PROFILE=smoke")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "p9_bad.py failed: cell 5" in out and "ZeroDivisionError" in out

@@ -63,3 +63,9 @@ def test_makefile_has_the_documented_targets():
     readme = (ROOT / "README.md").read_text()
     assert "make reproduce" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_setup_is_up_to_date_after_setup():
+    # make test depends on setup, so by now a second setup must have nothing to do.
+    proc = subprocess.run(["make", "-q", "setup"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, "make setup would run again although nothing changed"
