@@ -63,7 +63,6 @@ reproduce: setup
 	  exit $$status
 
 $(addprefix run-,$(NB_NAMES)): run-%: setup
-	@echo "==> $* (profile $(PROFILE))"
 	@$(PY) -m mmlib run $(NOTEBOOK_DIR)/$*.py $(RUN_ARGS)
 
 test: setup

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -34,8 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
-    print(f"ok: {Path(args.notebook).stem} -> {final}")
-    return 0
+    return 0 if final.exists() else 1
 
 
 def _cmd_index(args: argparse.Namespace) -> int:

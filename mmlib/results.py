@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["PAPER_VS_RUN", "Run", "atomic_write_bytes", "atomic_write_text", "environment_info", "git_commit"]
+__all__ = [
+    "PAPER_VS_RUN", "Run", "atomic_write_bytes", "atomic_write_text", "environment_info", "environment_table", "git_commit",
+]
 
 #: Name of the table that compares a paper's reported numbers with this run.
 PAPER_VS_RUN = "paper_vs_run"
@@ -133,6 +135,20 @@ def environment_info(device: Any = None) -> dict[str, Any]:
         dtype = core.autocast_dtype(dev)
         info["autocast"] = str(dtype).replace("torch.", "") if dtype is not None else "fp32"
     return info
+
+
+def environment_table(device: Any) -> pd.DataFrame:
+    """:func:`environment_info` as a two-column table (``item``, ``value``) for a notebook to show."""
+    env = environment_info(device)
+    rows = [
+        ("device", f"{env['device']} ({env['device_name']})"),
+        ("autocast", env["autocast"]),
+        ("CPU bf16 instructions", env["cpu_bf16"]),
+        ("torch threads", env["torch_threads"]),
+        ("python", env["python"]),
+        *env["packages"].items(),
+    ]
+    return pd.DataFrame([(k, str(v)) for k, v in rows], columns=["item", "value"])
 
 
 def _jsonable(obj: Any) -> Any:

@@ -26,7 +26,10 @@ from typing import Any
 
 import nbformat
 
+from mmlib.core import get_logger
 from mmlib.results import atomic_write_text
+
+log = get_logger("runner")
 
 __all__ = [
     "KERNEL_NAME",
@@ -209,6 +212,7 @@ def run_notebook(
     params.update(extra_parameters or {})
 
     out_ipynb = running / f"{name}.ipynb"
+    log.info("executing %s (profile %s)", path.name, profile)
     start = time.perf_counter()
     error: Exception | None = None
     try:
@@ -264,4 +268,5 @@ def run_notebook(
         shutil.rmtree(old)
     if failed.exists():
         shutil.rmtree(failed)
+    log.info("%s done in %.1f s -> %s", name, wall, final)
     return final

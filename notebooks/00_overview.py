@@ -2,9 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
 #   kernelspec:
 #     display_name: Python (mmlib)
 #     language: python
@@ -69,13 +71,7 @@ prof
 # record is saved in `run.json` beside every notebook's results.
 
 # %%
-env = results.environment_info(dev)
-environment = pd.DataFrame(
-    [("device", f"{env['device']} ({env['device_name']})"), ("autocast", env["autocast"]),
-     ("CPU bf16 instructions", env["cpu_bf16"]), ("torch threads", env["torch_threads"]),
-     ("python", env["python"]), *env["packages"].items()],
-    columns=["item", "value"],
-)
+environment = results.environment_table(dev)
 run.table(environment, "environment", caption="Device and package versions of this run")
 environment
 

@@ -116,3 +116,12 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
 
 def test_git_commit_outside_a_repository(tmp_path):
     assert results.git_commit(tmp_path) == {"commit": "unknown", "dirty": None}
+
+
+def test_environment_table_lists_device_and_versions():
+    table = results.environment_table(torch.device("cpu"))
+    assert list(table.columns) == ["item", "value"]
+    values = dict(zip(table["item"], table["value"], strict=True))
+    assert values["device"].startswith("cpu (")
+    assert values["torch"] == torch.__version__
+    assert values["autocast"] in ("bfloat16", "fp32")
