@@ -278,8 +278,9 @@ _LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def get_logger(name: str = "mmlib") -> logging.Logger:
     """A logger under the ``mmlib`` hierarchy, printing timestamped lines to stderr once."""
     root = logging.getLogger("mmlib")
-    if not root.handlers:
+    if not any(getattr(h, "_mmlib", False) for h in root.handlers):
         handler = logging.StreamHandler()
+        handler._mmlib = True  # type: ignore[attr-defined]  # marks the one handler we add
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
         root.setLevel(os.environ.get("MMLIB_LOG_LEVEL", "INFO").upper())
