@@ -17,15 +17,8 @@
 # # mmlib — a reproducible companion to five multimodal medical-AI papers
 #
 # This companion re-implements five papers that combine medical images with tables, signals,
-# text or genomics, and runs each of them end to end in a notebook:
-#
-# | | paper | data it combines |
-# |---|---|---|
-# | P1 | CLIP + image-tabular matching for stroke risk | 3D brain MRI + clinical table |
-# | P2 | SSL autoencoders and freezing strategies for stroke relapse | 3D CTA + 4 attributes |
-# | P3 | MoRE: contrastive X-ray + ECG + report pre-training | chest X-ray + 12-lead ECG + text |
-# | P4 | fusion strategies for time-to-event modelling | CT + longitudinal EHR |
-# | P5 | UMEML: prototypes, modularity loss and register tokens | histology + RNA genomics |
+# text or genomics, and runs each of them end to end in a notebook (the list, with each
+# notebook's status, is computed below).
 #
 # The papers' data cannot be shared, so every pipeline runs by default on **generated cohorts
 # with planted, known ground truth**, written in the real file formats. Knowing the truth lets
@@ -34,8 +27,8 @@
 #
 # This notebook reports the machine it runs on, lists the pipelines, checks mixed precision on
 # this device, and takes a first look at **real** survival data (the Veterans' lung cancer
-# trial that scikit-survival ships), with the same c-index and bootstrap machinery the P4
-# pipeline uses.
+# trial that scikit-survival ships), with the c-index and bootstrap functions of
+# `mmlib.metrics` that the survival pipelines build on.
 
 # %% tags=["parameters"]
 profile = "quick"  # smoke | quick | full
