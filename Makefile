@@ -14,19 +14,22 @@ NB      ?=
 RESULTS ?= results
 SEED    ?=
 DEVICE  ?=
+DATA    ?=
 
 NOTEBOOK_DIR ?= notebooks
 NOTEBOOKS := $(sort $(filter-out $(NOTEBOOK_DIR)/_%,$(wildcard $(NOTEBOOK_DIR)/$(NB)*.py)))
 NB_NAMES  := $(notdir $(basename $(NOTEBOOKS)))
 
-RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE))
+RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA))
 
-.PHONY: help setup constraints reproduce test lab sync clean $(addprefix run-,$(NB_NAMES))
+.PHONY: help setup constraints data reproduce test lab sync clean $(addprefix run-,$(NB_NAMES))
 
 help:  ## list targets
 	@echo "make setup       create $(VENV) with pinned dependencies and the 'mmlib' Jupyter kernel"
 	@echo "make reproduce   execute every notebook into $(RESULTS)/ and build $(RESULTS)/index.html"
-	@echo "                 NB=p2 (notebooks starting with p2)  PROFILE=smoke|quick|full  SEED=0  DEVICE=cpu|cuda  -j N"
+	@echo "                 NB=p2 (notebooks starting with p2)  PROFILE=smoke|quick|full  SEED=0  DEVICE=cpu|cuda"
+	@echo "                 DATA=folder (cohorts; default \$$MMLIB_DATA_DIR or data/)  -j N"
+	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
 	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
 	@echo "make sync        regenerate the paired .ipynb from the .py notebooks"
@@ -54,6 +57,10 @@ constraints: setup
 	@{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable --disable-pip-version-check \
 	   | grep -v -i '^mmlib' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.tmp
 	@mv constraints.txt.tmp constraints.txt && echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
+	@touch $(STAMP)  # the venv is what the new pins describe
+
+data: setup
+	@$(PY) -m mmlib generate all --preset $(PROFILE) $(if $(SEED),--seed $(SEED)) $(if $(DATA),--data-dir $(DATA))
 
 reproduce: setup
 	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }

@@ -1,10 +1,12 @@
-"""Command line: ``python -m mmlib run|index|list`` (the Makefile calls these).
+"""Command line: ``python -m mmlib run|index|list|generate|validate|schema`` (the Makefile calls these).
 
 Examples::
 
     python -m mmlib run notebooks/00_overview.py --profile quick
     python -m mmlib index results
     python -m mmlib list --prefix p2
+    python -m mmlib generate stroke_cta --preset quick --seed 0 --set image_signal=0
+    python -m mmlib validate data/stroke_cta-quick-seed0
 """
 
 from __future__ import annotations
@@ -55,6 +57,55 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_knob(text: str) -> tuple[str, object]:
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name.strip(), value  # a bare string such as left
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mmlib.cohorts import GENERATORS, generate
+
+    names = sorted(GENERATORS) if args.cohort == "all" else [args.cohort]
+    for name in names:
+        try:
+            cohort = generate(name, args.preset, args.seed, args.data_dir, workers=args.workers, **dict(args.set))
+        except ValueError as err:
+            print(f"ERROR: {err}", file=sys.stderr)
+            return 2
+        print(f"{name}: {len(cohort)} subjects in {cohort.root}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mmlib.data import ManifestError, load_cohort
+
+    try:
+        cohort = load_cohort(args.path)
+    except ManifestError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    print(f"{cohort.root}: valid, {len(cohort)} subjects, modalities {[m.name for m in cohort.manifest.modalities]}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from mmlib.data import Manifest
+    from mmlib.results import atomic_write_text
+
+    path = atomic_write_text(args.out, json.dumps(Manifest.model_json_schema(), indent=2) + "\n")
+    print(f"schema: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +130,24 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--notebooks", default="notebooks")
     lst.add_argument("--prefix", default="")
     lst.set_defaults(func=_cmd_list)
+
+    gen = sub.add_parser("generate", help="write (or verify) generated cohorts under the data folder")
+    gen.add_argument("cohort", help="stroke_mri, stroke_cta, xray_ecg, ct_ehr, glioma or all")
+    gen.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"))
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--data-dir", default=None, help="default: $MMLIB_DATA_DIR or data/ in this checkout")
+    gen.add_argument("--workers", type=int, default=None, help="processes (default: usable cores)")
+    gen.add_argument("--set", action="append", type=_parse_knob, default=[], metavar="KNOB=VALUE",
+                     help="change one knob, e.g. --set image_signal=0 (repeatable)")
+    gen.set_defaults(func=_cmd_generate)
+
+    val = sub.add_parser("validate", help="check a cohort folder against its manifest.json")
+    val.add_argument("path", help="cohort folder or its manifest.json")
+    val.set_defaults(func=_cmd_validate)
+
+    sch = sub.add_parser("schema", help="write the manifest JSON schema")
+    sch.add_argument("--out", default="data_manifest/schema/manifest.schema.json")
+    sch.set_defaults(func=_cmd_schema)
 
     args = parser.parse_args(argv)
     return args.func(args)

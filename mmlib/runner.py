@@ -207,8 +207,10 @@ def run_notebook(
         params["seed"] = int(seed)
     if device is not None:
         params["device"] = device
+    if data_dir is None and os.environ.get("MMLIB_DATA_DIR"):
+        data_dir = os.environ["MMLIB_DATA_DIR"]
     if data_dir is not None:
-        params["data_dir"] = str(Path(data_dir).resolve())
+        params["data_dir"] = str(Path(data_dir).expanduser().resolve())
     params.update(extra_parameters or {})
 
     out_ipynb = running / f"{name}.ipynb"

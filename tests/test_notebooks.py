@@ -73,7 +73,9 @@ def test_read_notebook_names_missing_parameters(tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_at_smoke_profile(path, tmp_path):
-    final = runner.run_notebook(path, tmp_path / "results", profile="smoke", timeout_s=SMOKE_CELL_TIMEOUT_S)
+    final = runner.run_notebook(
+        path, tmp_path / "results", profile="smoke", data_dir=tmp_path / "data", timeout_s=SMOKE_CELL_TIMEOUT_S
+    )
     assert final == tmp_path / "results" / path.stem
     record = json.loads((final / "run.json").read_text())
     assert record["status"] == "complete"
