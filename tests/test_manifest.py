@@ -138,7 +138,7 @@ def test_unreadable_or_wrong_format_file(cohort_dir):
 
 def test_duplicate_ids(cohort_dir):
     _edit(cohort_dir, 5, "subject_id", "s1")
-    assert "subjects.csv: duplicate subject id 's1' on lines [3, 5]" in _problems(cohort_dir)
+    assert "subjects.csv, column 'subject_id': duplicate subject id 's1' on lines [3, 5]" in _problems(cohort_dir)
 
 
 def test_subject_with_one_modality_but_not_the_other(cohort_dir):

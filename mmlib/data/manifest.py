@@ -45,7 +45,7 @@ SCHEMA_VERSION = 1
 MAX_PROBLEMS_SHOWN = 25
 
 Dtype = Literal["float", "int", "bool", "category", "string", "datetime"]
-FileFormat = Literal["nifti", "png", "jpeg", "dicom", "wfdb", "text", "npy", "directory"]
+FileFormat = Literal["nifti", "png", "jpeg", "dicom", "wfdb", "text", "npy", "pt", "h5", "directory"]
 
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
@@ -358,6 +358,8 @@ def _sniff(path: Path, fmt: str) -> str | None:
         "jpeg": head[:3] == b"\xff\xd8\xff",
         "dicom": len(head) >= 132 and head[128:132] == b"DICM" or path.suffix.lower() == ".dcm",
         "npy": head[:6] == b"\x93NUMPY",
+        "pt": head[:4] == b"PK\x03\x04",  # torch.save's zip container (read with weights_only=True)
+        "h5": head[:8] == b"\x89HDF\r\n\x1a\n",
     }.get(fmt, True)
     return None if magic_ok else f"does not look like a {fmt} file"
 
@@ -406,7 +408,7 @@ def load_cohort(path: str | os.PathLike, *, check_files: bool = True) -> Cohort:
     dup = df[idc].duplicated(keep=False) & df[idc].notna()
     for sid in sorted(df.loc[dup, idc].unique()):
         lines = (np.flatnonzero((df[idc] == sid).to_numpy()) + 2).tolist()
-        problems.append(f"{table_name}: duplicate subject id {sid!r} on lines {lines}")
+        problems.append(f"{table_name}, column {idc!r}: duplicate subject id {sid!r} on lines {lines}")
 
     typed = _check_columns(df, manifest.columns, table_name, idc, problems)
 
