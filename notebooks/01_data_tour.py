@@ -98,9 +98,10 @@ show("stroke_cta")
 # %% [markdown]
 # ## P3 · chest X-ray, 12-lead ECG and reports
 # Hidden patient conditions link the modalities. For example, heart failure widens the heart
-# on the X-ray, adds edema and effusion, and changes the ECG. The ECGs start from neurokit2's
-# 12-lead simulator. The reports are written from the labels, with synonyms, negation and
-# uncertainty.
+# on the X-ray, adds edema and effusion, and changes the ECG. Each ECG is one simulated 3-D
+# heart vector projected onto the 12 leads, so the leads relate as they do in a real
+# recording (III = II - I). The reports are written from the labels, with synonyms, negation
+# and uncertainty.
 
 # %%
 show("xray_ecg")

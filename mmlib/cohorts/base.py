@@ -25,7 +25,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -110,7 +109,8 @@ class SubjectFiles:
         self.written: dict[str, str] = {}
 
     @contextlib.contextmanager
-    def _atomic(self, rel: str, suffix: str):
+    def atomic(self, rel: str, suffix: str):
+        """Context manager yielding a temporary path; on success it is renamed to ``rel`` and checksummed."""
         target = self.root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         # keep the real extension last: nibabel and PIL choose the format from it
@@ -133,7 +133,7 @@ class SubjectFiles:
         img.header.set_xyzt_units(xyz=xyzt_units)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        with self._atomic(rel, ".nii.gz") as tmp:
+        with self.atomic(rel, ".nii.gz") as tmp:
             nib.save(img, tmp)
         return rel
 
@@ -141,17 +141,17 @@ class SubjectFiles:
         """An 8- or 16-bit greyscale or RGB PNG."""
         from PIL import Image
 
-        with self._atomic(rel, ".png") as tmp:
+        with self.atomic(rel, ".png") as tmp:
             Image.fromarray(np.asarray(array)).save(tmp, format="PNG")
         return rel
 
     def text(self, rel: str, text: str) -> str:
-        with self._atomic(rel, ".txt") as tmp:
+        with self.atomic(rel, ".txt") as tmp:
             tmp.write_text(text, encoding="utf-8")
         return rel
 
     def npy(self, rel: str, array: np.ndarray) -> str:
-        with self._atomic(rel, ".npy") as tmp, open(tmp, "wb") as fh:
+        with self.atomic(rel, ".npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.asarray(array), allow_pickle=False)
         return rel
 
@@ -161,39 +161,36 @@ class SubjectFiles:
         signal: np.ndarray,
         fs: float,
         sig_name: list[str],
-        units: str = "mV",
+        *,
+        gain_per_mv: float = 1000.0,
         comments: list[str] | None = None,
-        fmt: str = "16",
     ) -> str:
-        """A WFDB record: ``rel`` is the record path without extension (``.hea`` + ``.dat`` written).
+        """A WFDB record as PTB-XL stores them: format 16, ``gain_per_mv`` adu/mV, baseline 0.
+
+        ``rel`` is the record path without extension; ``rel.dat`` then ``rel.hea`` are written
+        (a record whose header exists is complete). The header is written directly:
+        ``wfdb.wrsamp`` spends ~0.1 s per record validating fields, more than the whole
+        subject takes to simulate. ``wfdb.rdrecord`` reads the result (tested).
 
         Args:
-            signal: (samples, channels) physical values.
+            signal: (samples, channels) in mV.
         """
-        import wfdb
-
-        target = self.root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            sig = np.asarray(signal, dtype=float)
-            wfdb.wrsamp(
-                target.name,
-                fs=fs,
-                units=[units] * sig.shape[1],
-                sig_name=list(sig_name),
-                p_signal=sig,
-                fmt=[fmt] * sig.shape[1],
-                comments=comments or [],
-                write_dir=str(tmpdir),
-            )
-            # data first, header last: a record whose header exists is complete
-            for ext in (".dat", ".hea"):
-                os.replace(tmpdir / f"{target.name}{ext}", target.parent / f"{target.name}{ext}")
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        for ext in (".dat", ".hea"):
-            self.written[f"{rel}{ext}"] = sha256_file(target.parent / f"{target.name}{ext}")
+        digital = np.clip(np.round(np.asarray(signal, dtype=float) * gain_per_mv), -32767, 32767).astype("<i2")
+        if digital.ndim != 2 or digital.shape[1] != len(sig_name):
+            raise ValueError(f"{rel}: signal shape {digital.shape} does not match {len(sig_name)} signal names")
+        name = rel.rsplit("/", 1)[-1]
+        # WFDB checksum: 16-bit sum of each channel's samples
+        checks = [(int(c) + 32768) % 65536 - 32768 for c in digital.astype(np.int64).sum(axis=0)]
+        lines = [f"{name} {digital.shape[1]} {fs:g} {digital.shape[0]}"]
+        lines += [
+            f"{name}.dat 16 {gain_per_mv:g}(0)/mV 16 0 {int(digital[0, j])} {checks[j]} 0 {lead}"
+            for j, lead in enumerate(sig_name)
+        ]
+        lines += [f"# {c}" for c in comments or []]
+        with self.atomic(f"{rel}.dat", ".dat") as tmp:
+            tmp.write_bytes(digital.tobytes())
+        with self.atomic(f"{rel}.hea", ".hea") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
         return rel
 
 
@@ -364,9 +361,9 @@ class CohortGenerator:
         files = SubjectFiles(root)
         for lt in manifest.tables:
             df = plan.tables[lt.name]
-            with files._atomic(lt.path, ".csv") as tmp:
+            with files.atomic(lt.path, ".csv") as tmp:
                 df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-        with files._atomic(manifest.subjects, ".csv") as tmp:
+        with files.atomic(manifest.subjects, ".csv") as tmp:
             table[observed].to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
         truth = {
             "cohort": self.name,

@@ -1,0 +1,207 @@
+"""The P3 cohort (chest X-ray + 12-lead ECG + reports): formats, determinism, planted effects."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmlib.cohorts.xray_ecg import (
+    ECG_CLASSES,
+    LEADS,
+    NEGATION_CUES,
+    UNCERTAINTY_CUES,
+    XRAY_FINDINGS,
+    XrayECGReports,
+    ecg_features,
+    measure_ctr,
+    planted_effect_checks,
+    read_ecg,
+    report_labels,
+)
+from mmlib.data import load_cohort
+
+# big enough for every planted effect to clear its 3-SD margin, small enough to render in seconds
+EFFECT_KNOBS = {"n_subjects": 300, "image_size": 64}
+SIGNAL_KNOBS = ("image_signal", "ecg_signal", "coupling")
+
+
+def _checksums(root):
+    return json.loads((root / "cohort.json").read_text())["checksums"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("xray_ecg_on")
+    return XrayECGReports("smoke", **EFFECT_KNOBS).generate(out_dir=out, seed=0, workers=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def null_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("xray_ecg_off")
+    knobs = {**EFFECT_KNOBS, **dict.fromkeys(SIGNAL_KNOBS, 0.0)}
+    return XrayECGReports("smoke", **knobs).generate(out_dir=out, seed=0, workers=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def checks(cohort):
+    return planted_effect_checks(cohort).set_index("effect", append=True)
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    a = XrayECGReports("smoke").generate(out_dir=tmp_path / "a", seed=0, workers=1, show_progress=False)
+    b = XrayECGReports("smoke").generate(out_dir=tmp_path / "b", seed=0, workers=2, show_progress=False)
+    c = XrayECGReports("smoke").generate(out_dir=tmp_path / "c", seed=1, workers=2, show_progress=False)
+    assert _checksums(a.root) == _checksums(b.root)
+    assert _checksums(a.root) != _checksums(c.root)
+    # every subject has 5 files (PNG, .dat, .hea, 2 texts); the smoke cohort validates
+    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in _checksums(a.root)) == 5 * len(a)
+    load_cohort(a.root)
+
+
+def test_manifest_columns_splits_and_truth(cohort):
+    m = cohort.manifest
+    assert [mod.name for mod in m.modalities] == ["xray", "ecg", "report", "ecg_statement"]
+    assert [mod.format for mod in m.modalities] == ["png", "wfdb", "text", "text"]
+    assert m.labels == [*XRAY_FINDINGS, *ECG_CLASSES]
+    sub = cohort.subjects
+    assert len(sub) == EFFECT_KNOBS["n_subjects"] and sub["subject_id"].iloc[0] == "sub-0001"
+    assert set(sub["split"]) == {"train", "val", "test"}
+    assert abs((sub["split"] == "train").mean() - 0.7) < 0.05
+    # NORM is exactly "none of the four ECG superclasses"
+    assert (sub["NORM"] == 1 - sub[["MI", "STTC", "CD", "HYP"]].max(axis=1)).all()
+    # latents (conditions, true findings, rendered quantities) live in truth.json only
+    header = (cohort.root / "subjects.csv").read_text().splitlines()[0].split(",")
+    assert "ctr" not in header and "cond_heart_failure" not in header
+    lat = cohort.latents()
+    assert {"cond_heart_failure", "true_cardiomegaly", "ctr_rendered", "qrs_ms_clean", "report_sentences"} <= set(lat)
+    p = cohort.truth["causal_model"]["condition_to_finding_probability"]
+    assert p["heart_failure"]["cardiomegaly"] == 0.75 and p["prior_mi"]["MI"] == 0.8
+
+
+def test_png_and_wfdb_files(cohort):
+    import wfdb
+
+    img = Image.open(cohort.paths("xray")[0])
+    assert img.mode == "L" and img.size == (EFFECT_KNOBS["image_size"],) * 2
+    rec = wfdb.rdrecord(str(cohort.paths("ecg")[0]))
+    assert rec.n_sig == 12 and rec.sig_name == list(LEADS) and rec.fs == 100 and rec.sig_len == 1000
+    assert rec.units == ["mV"] * 12 and rec.comments[0].startswith("age: ")
+    sig, fs = read_ecg(cohort.paths("ecg")[0])
+    np.testing.assert_allclose(sig, rec.p_signal)  # the fast reader agrees with wfdb
+    lead = {k: sig[:, i] for i, k in enumerate(LEADS)}
+    # one heart vector behind all leads: Einthoven and Goldberger hold (to the 1 uV storage step)
+    np.testing.assert_allclose(lead["III"], lead["II"] - lead["I"], atol=0.002)
+    np.testing.assert_allclose(lead["aVR"], -(lead["I"] + lead["II"]) / 2, atol=0.002)
+    assert 0.3 < np.ptp(lead["V5"]) < 5  # millivolts, not arbitrary units
+
+
+def test_planted_effects_recovered(checks):
+    assert checks["present"].all(), checks
+    v = checks["value"].droplevel(0)
+    assert v["cardiomegaly widens the heart shadow"] > 0.9
+    assert v["conduction disease widens the QRS"] > 0.85
+    assert v["hypertrophy raises the QRS voltage"] > 0.8
+    assert v["prior MI leaves Q waves and T inversion"] > 0.8
+    assert v["the radiology report states the X-ray labels"] == 1.0
+    assert v["the ECG statement states the ECG labels"] == 1.0
+    assert (checks["value"] > checks["chance"] + 0.15).all()
+
+
+def test_no_signal_no_effect(null_cohort):
+    df = planted_effect_checks(null_cohort)
+    text = df["effect"].str.contains("states")  # reports are written from the labels whatever the knobs
+    assert df.loc[text, "present"].all()
+    assert not df.loc[~text, "present"].any(), df
+    assert (np.abs(df.loc[~text, "value"] - df.loc[~text, "chance"]) < 0.12).all(), df
+
+
+def test_ctr_measured_from_png(cohort):
+    lat = cohort.latents()
+    measured = np.array([measure_ctr(np.asarray(Image.open(p))) for p in cohort.paths("xray")])
+    assert np.corrcoef(measured, lat["ctr_rendered"])[0, 1] > 0.9
+    cm = lat["true_cardiomegaly"].astype(bool).to_numpy()
+    assert np.median(measured[cm]) > 0.52 and np.median(measured[~cm]) < 0.48
+
+
+def test_ecg_criteria_from_wfdb(cohort):
+    import wfdb
+
+    lat = cohort.latents()
+    feats = []
+    for p in cohort.paths("ecg"):
+        rec = wfdb.rdrecord(str(p))
+        feats.append(ecg_features(rec.p_signal, rec.fs))
+    qrs = np.array([f["qrs_ms"] for f in feats])
+    sl = np.array([f["sokolow_lyon_mv"] for f in feats])
+    norm, cd, hyp = (lat[f"true_{c}"].astype(bool).to_numpy() for c in ("NORM", "CD", "HYP"))
+    assert np.median(qrs[cd]) >= 120 and np.median(qrs[norm]) < 110  # bundle-branch block: QRS >= 120 ms
+    assert np.median(sl[hyp]) > 3.5 and np.median(sl[norm]) < 3.0  # Sokolow-Lyon > 3.5 mV
+    # the file measurement matches the noise-free one recorded at generation
+    assert np.corrcoef(qrs, lat["qrs_ms_clean"])[0, 1] > 0.9
+
+
+def test_neurokit2_finds_the_planted_beats(cohort):
+    nk = pytest.importorskip("neurokit2")
+    lat = cohort.latents()
+    for i in range(0, 60, 6):
+        sig, fs = read_ecg(cohort.paths("ecg")[i])
+        _, info = nk.ecg_peaks(sig[:, LEADS.index("II")], sampling_rate=int(fs))
+        assert abs(len(info["ECG_R_Peaks"]) - lat.loc[i, "heart_rate_bpm"] * 10 / 60) <= 1.5
+
+
+def test_reports_negate_and_hedge_as_annotated(cohort):
+    lat = cohort.latents()
+    sub = cohort.subjects
+    hedged, positive = 0, 0
+    for i, path in enumerate(cohort.paths("report")):
+        text = path.read_text()
+        assert text.startswith("EXAMINATION:") and "FINDINGS:" in text and "IMPRESSION:" in text
+        assert report_labels(text) == {f: int(sub.loc[i, f]) for f in XRAY_FINDINGS}
+        for ann in lat.loc[i, "report_sentences"]:
+            if ann["label"] is None:
+                continue
+            low = ann["text"].lower()
+            has_neg = any(re.search(c, low) for c in NEGATION_CUES)
+            has_unc = any(re.search(c, low) for c in UNCERTAINTY_CUES)
+            if sub.loc[i, ann["label"]] == 0:  # a negative label is only ever negated, with a cue
+                assert ann["polarity"] == "negated" and has_neg and not has_unc, ann
+            else:
+                assert ann["polarity"] in ("positive", "uncertain") and not (has_neg and not has_unc), ann
+                assert has_unc == (ann["polarity"] == "uncertain"), ann
+                positive += 1
+                hedged += ann["polarity"] == "uncertain"
+    assert 0.07 < hedged / positive < 0.25  # uncertain_rate = 0.15
+    for i, path in enumerate(cohort.paths("ecg_statement")):
+        assert report_labels(path.read_text(), ECG_CLASSES) == {c: int(sub.loc[i, c]) for c in ECG_CLASSES}
+
+
+def _phi(a, b):
+    return float(np.corrcoef(a.astype(float), b.astype(float))[0, 1])
+
+
+def test_coupling_sets_cross_modal_cooccurrence():
+    rng = np.random.default_rng
+    coupled = XrayECGReports("smoke", n_subjects=6000).plan(rng(0)).subjects
+    apart = XrayECGReports("smoke", n_subjects=6000, coupling=0.0).plan(rng(0)).subjects
+    assert _phi(coupled["cardiomegaly"], coupled["HYP"]) > 0.15
+    assert abs(_phi(apart["cardiomegaly"], apart["HYP"])) < 0.04  # 3 SD of phi at n = 6000
+    assert abs(_phi(apart["edema"], 1 - apart["NORM"])) < 0.04
+    assert not apart["ecg_shares_conditions"].any() and coupled["ecg_shares_conditions"].all()
+    # coupling moves the link, not the prevalence of any finding
+    for f in (*XRAY_FINDINGS, *ECG_CLASSES):
+        assert abs(coupled[f].mean() - apart[f].mean()) < 0.03
+
+
+def test_prevalence_knob_and_bad_knobs():
+    for prevalence in (0.3, 0.8):
+        sub = XrayECGReports("smoke", n_subjects=6000, prevalence=prevalence).plan(np.random.default_rng(1)).subjects
+        anyc = sub[[c for c in sub.columns if c.startswith("cond_")]].any(axis=1).mean()
+        assert abs(anyc - prevalence) < 0.03
+    with pytest.raises(ValueError, match="coupling"):
+        XrayECGReports("smoke", coupling=1.5).plan(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no field"):
+        XrayECGReports("smoke", ecg_signl=0.0)
