@@ -3,7 +3,7 @@
 ``generate("stroke_mri", "quick", seed=0)`` writes (or verifies and reuses) a cohort under the
 data folder and returns it loaded through the same :func:`mmlib.data.load_cohort` path a
 user's real data takes. Each generator's knobs are fields of its ``Knobs`` dataclass; pass
-them as keyword arguments to change one (``generate("stroke_cta", "quick", plaque_effect=0)``).
+them as keyword arguments to change one (``generate("stroke_cta", "quick", image_signal=0)``).
 """
 
 from __future__ import annotations
