@@ -144,3 +144,14 @@ def test_real_dataset_cards_have_valid_manifest_examples(repo_root):
         assert blocks, f"{card.name} has no manifest.json example"
         for block in blocks:
             Manifest.model_validate_json(block)  # raises, naming the field, if the example drifts from the schema
+
+
+def test_open_cohort_takes_a_users_manifest_folder_or_generates(tmp_path):
+    from mmlib.cohorts import open_cohort
+    from mmlib.data.examples import breast_cancer_cohort
+
+    own = breast_cancer_cohort(tmp_path / "own")
+    mine = open_cohort("stroke_cta", tmp_path / "own", "smoke", seed=0)
+    assert mine.name == own.name and len(mine) == 198 and not (tmp_path / "own" / "stroke_cta-smoke-seed0").exists()
+    generated = open_cohort("stroke_cta", tmp_path / "gen", "smoke", seed=0, show_progress=False)
+    assert generated.name == "stroke_cta" and generated.root == tmp_path / "gen" / "stroke_cta-smoke-seed0"

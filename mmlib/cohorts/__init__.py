@@ -12,10 +12,24 @@ import importlib
 import os
 from typing import Any
 
-from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, SubjectFiles
-from mmlib.data.manifest import Cohort
+from pathlib import Path
 
-__all__ = ["GENERATORS", "CohortGenerator", "CohortKnobs", "CohortPlan", "SubjectFiles", "generator", "generate"]
+from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, SubjectFiles
+from mmlib.core import get_logger
+from mmlib.data.manifest import MANIFEST_NAME, Cohort, load_cohort
+
+log = get_logger(__name__)
+
+__all__ = [
+    "GENERATORS",
+    "CohortGenerator",
+    "CohortKnobs",
+    "CohortPlan",
+    "SubjectFiles",
+    "generator",
+    "generate",
+    "open_cohort",
+]
 
 # cohort name -> "module:Class"; modules import lazily (nilearn, neurokit2 are slow to import)
 GENERATORS: dict[str, str] = {
@@ -47,3 +61,26 @@ def generate(
 ) -> Cohort:
     """Write (or verify and reuse) a generated cohort and return it loaded and validated."""
     return generator(name, preset, **knobs).generate(data_dir, seed, workers=workers, show_progress=show_progress)
+
+
+def open_cohort(
+    name: str,
+    data_dir: str | os.PathLike | None,
+    preset: str = "quick",
+    seed: int = 0,
+    *,
+    show_progress: bool = True,
+    **knobs: Any,
+) -> Cohort:
+    """What a pipeline notebook calls with its ``data_dir`` parameter.
+
+    If ``data_dir`` holds a ``manifest.json``, it is the user's own cohort (real data in the
+    manifest schema): it is loaded and validated, and ``preset``/``seed``/knobs are ignored.
+    Otherwise ``data_dir`` is the folder of generated cohorts, and cohort ``name`` is generated
+    there (or verified and reused).
+    """
+    if data_dir is not None and (Path(data_dir) / MANIFEST_NAME).is_file():
+        cohort = load_cohort(data_dir)
+        log.info("using the cohort in %s (%s, %d subjects); generator knobs do not apply", data_dir, cohort.name, len(cohort))
+        return cohort
+    return generate(name, preset, seed, data_dir, show_progress=show_progress, **knobs)
