@@ -25,8 +25,8 @@
 #
 # For each cohort, this notebook writes the files (or checks them against their recorded
 # sha256 checksums and reuses them) and draws the figure a reader needs to see what the data
-# look like. It lists the ground-truth card and then **measures each planted effect in the
-# generated files**. This measurement catches a generator that plants nothing, or plants the
+# look like. It lists the ground-truth card (the first rows; all of it is saved as a table) and
+# then **measures each planted effect in the generated files**. This measurement catches a generator that plants nothing, or plants the
 # wrong thing. The pipelines' explanations are later scored against this truth.
 #
 # The cohort cards in `data_manifest/cohorts/` describe each causal model in full. Any knob
@@ -69,6 +69,9 @@ def show(name):
     for fig in tours[name]["figures"].values():
         display(fig)
         plt.close(fig)
+    truth = tours[name]["truth"]
+    print(f"ground-truth card: {len(truth)} parameters (all in tables/{name}_truth.csv); the first 25:")
+    display(truth.head(25))
     return tours[name]["checks"]
 
 
