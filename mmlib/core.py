@@ -22,10 +22,16 @@ import random
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: the cohort generators use this module
+# (profiles, logging, progress bars) in worker processes that never touch torch, and importing
+# it costs seconds and hundreds of MB per process.
 
 __all__ = [
     "PROFILE_NAMES",
@@ -59,6 +65,8 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     Raises:
         ValueError: if the request is malformed or names a GPU this machine does not have.
     """
+    import torch
+
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
@@ -87,6 +95,8 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
 
 def device_name(device: torch.device) -> str:
     """A human-readable name of the hardware behind ``device`` (GPU model or CPU model)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return _cpu_model()
@@ -142,6 +152,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     On the development CPU (AVX512-BF16, 2 threads) ``benchmarks/bench_precision.py`` measured
     bf16 autocast 1.4x-3.9x faster than fp32 for matmuls, 3D convolutions and a training step.
     """
+    import torch
+
     precision = precision.lower()
     if precision == "fp32":
         return None
@@ -158,6 +170,8 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """A context manager for mixed precision on ``device`` (a no-op for fp32)."""
+    import torch
+
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
@@ -179,6 +193,8 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> np.random.Gener
         A fresh :class:`numpy.random.Generator` seeded with ``seed``, for code that
         prefers an explicit generator over global state.
     """
+    import torch
+
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
