@@ -240,7 +240,10 @@ class CohortGenerator:
     presets: ClassVar[ProfileSet]
 
     def __init__(self, preset: str = "quick", **knobs: Any) -> None:
-        self.knobs = self.presets.get_profile(preset, **knobs)
+        try:
+            self.knobs = self.presets.get_profile(preset, **knobs)
+        except ValueError as err:
+            raise ValueError(f"cohort {self.name!r}: {err}") from None
         self.overrides = dict(sorted(knobs.items()))
 
     def __repr__(self) -> str:
