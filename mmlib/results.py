@@ -227,7 +227,7 @@ class Run:
             "notebook": notebook,
             "title": title,
             "status": "running",
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "git": git_commit(),
             "params": _jsonable(dict(params or {})),
             "seed": seed,

@@ -140,7 +140,7 @@ def test_real_dataset_cards_have_valid_manifest_examples(repo_root):
     assert len(cards) >= 9
     for card in cards:
         assert f"]({card.name})" in index, f"{card.name} is not in the index table"
-        blocks = re.findall(r"```json\n(.*?)```", card.read_text(), flags=re.S)
+        blocks = re.findall(r"```json\n(.*?)```", card.read_text(), flags=re.DOTALL)
         assert blocks, f"{card.name} has no manifest.json example"
         for block in blocks:
             Manifest.model_validate_json(block)  # raises, naming the field, if the example drifts from the schema

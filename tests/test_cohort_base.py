@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, SubjectFiles, sha256_file
+from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, SubjectFiles, recorded_checksums, sha256_file
 from mmlib.core import ProfileSet
 from mmlib.data import Column, Manifest, Modality, Survival
 
@@ -75,16 +75,12 @@ class Toy(CohortGenerator):
         )
 
 
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
-
-
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     a = Toy("quick").generate(out_dir=tmp_path / "a", seed=3, workers=1, show_progress=False)
     b = Toy("quick").generate(out_dir=tmp_path / "b", seed=3, workers=2, show_progress=False)
     c = Toy("quick").generate(out_dir=tmp_path / "c", seed=4, workers=2, show_progress=False)
-    assert _checksums(a.root) == _checksums(b.root)
-    assert _checksums(a.root) != _checksums(c.root)
+    assert recorded_checksums(a.root) == recorded_checksums(b.root)
+    assert recorded_checksums(a.root) != recorded_checksums(c.root)
     assert len(a) == 12 and a.subjects["age"].dtype == float
 
 
@@ -108,12 +104,12 @@ def test_nifti_affine_and_spacing(tmp_path):
 
 def test_rerun_verifies_and_repairs(tmp_path):
     Toy("smoke").generate(out_dir=tmp_path, seed=0, show_progress=False)
-    before = _checksums(tmp_path)
+    before = recorded_checksums(tmp_path)
     victim = tmp_path / "images" / "sub-002.nii.gz"
     mtime = (tmp_path / "images" / "sub-001.nii.gz").stat().st_mtime_ns
     victim.write_bytes(b"corrupted")
     Toy("smoke").generate(out_dir=tmp_path, seed=0, show_progress=False)
-    assert _checksums(tmp_path) == before
+    assert recorded_checksums(tmp_path) == before
     assert sha256_file(victim) == before["images/sub-002.nii.gz"]
     # an intact file was verified, not rewritten
     assert (tmp_path / "images" / "sub-001.nii.gz").stat().st_mtime_ns == mtime
@@ -133,14 +129,14 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tmp_path):
     assert len(cohort) == 6
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # resumed, not redone
     ref = Toy("smoke").generate(out_dir=tmp_path / "ref", seed=0, workers=1, show_progress=False)
-    assert _checksums(ref.root) == _checksums(tmp_path)
+    assert recorded_checksums(ref.root) == recorded_checksums(tmp_path)
 
 
 def test_changed_knobs_regenerate_and_default_dirs_differ(tmp_path):
     a = Toy("smoke").generate(out_dir=tmp_path, seed=0, show_progress=False)
-    first = _checksums(a.root)
+    first = recorded_checksums(a.root)
     b = Toy("smoke", effect=0.0).generate(out_dir=tmp_path, seed=0, show_progress=False)
-    assert _checksums(b.root) != first
+    assert recorded_checksums(b.root) != first
     assert json.loads((tmp_path / "truth.json").read_text())["causal_model"] == {"effect": 0.0}
     assert Toy("smoke").default_dir(tmp_path, 0).name == "toy-smoke-seed0"
     assert Toy("smoke", effect=0.0).default_dir(tmp_path, 0).name.startswith("toy-smoke-seed0-")

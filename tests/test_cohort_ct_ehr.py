@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from mmlib.cohorts import generator
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.ct_ehr import CTEHR, ehr_risk_score, planted_effect_checks, tour_figures
 from mmlib.data import load_cohort
 from mmlib.metrics import concordance_index
@@ -23,10 +22,6 @@ ONE = dict(n_subjects=250)  # one modality carries everything: a strong effect, 
 
 def _gen(root, seed=0, workers=2, **knobs):
     return CTEHR("smoke", **knobs).generate(out_dir=root, seed=seed, workers=workers, show_progress=False)
-
-
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
 
 
 def _table(cohort):
@@ -66,8 +61,8 @@ def ehr_only(tmp_path_factory):
 def test_same_seed_same_bytes_other_seed_other_bytes(smoke, tmp_path):
     again = _gen(tmp_path / "again", workers=1)
     other = _gen(tmp_path / "other", seed=1)
-    assert _checksums(again.root) == _checksums(smoke.root)
-    assert _checksums(other.root) != _checksums(smoke.root)
+    assert recorded_checksums(again.root) == recorded_checksums(smoke.root)
+    assert recorded_checksums(other.root) != recorded_checksums(smoke.root)
     assert generator("ct_ehr", "smoke").key(0) == CTEHR("smoke").key(0)
 
 

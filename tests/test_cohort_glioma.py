@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from mmlib.cohorts import generator
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.glioma import (
     GENE_GROUPS,
     GRADES,
@@ -27,10 +26,6 @@ from mmlib.data import load_cohort
 # effect cohorts: smoke bags and patches, but enough subjects for the 3-SE margins
 EFFECT = {"n_subjects": 150, "png_per_subject": 4}
 OFF = {"histology_signal": 0.0, "genomic_signal": 0.0, "survival_effect": 0.0}
-
-
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +49,9 @@ def signal_off(tmp_path_factory):
 def test_same_seed_same_bytes_different_seed_different(smoke, tmp_path):
     again = Glioma("smoke").generate(out_dir=tmp_path / "a", seed=0, workers=2, show_progress=False)
     other = Glioma("smoke").generate(out_dir=tmp_path / "b", seed=1, workers=2, show_progress=False)
-    assert _checksums(smoke.root) == _checksums(again.root)
-    theirs = _checksums(other.root)
-    mine = _checksums(smoke.root)
+    assert recorded_checksums(smoke.root) == recorded_checksums(again.root)
+    theirs = recorded_checksums(other.root)
+    mine = recorded_checksums(smoke.root)
     assert mine != theirs
     assert mine["rna_expression.csv"] != theirs["rna_expression.csv"]
     assert mine["features/sub-0001.npy"] != theirs["features/sub-0001.npy"]
@@ -188,7 +183,7 @@ def test_render_he_patch_morphology():
     assert nuclear_measures(patch("necrosis"))[0] < 0.02  # necrosis: no nuclei, only debris
     assert nuclear_measures(patch("normal_brain"))[0] < nuclear_measures(patch("tumour_cellular"))[0]
     # oligodendroglial halos clear the stroma around nuclei: more near-white pixels
-    white = lambda img: (img.min(axis=2) > 225).mean()  # noqa: E731
+    white = lambda img: (img.min(axis=2) > 225).mean()
     assert white(patch("tumour_cellular", halo=True)) > white(patch("tumour_cellular")) + 0.02
     # eosin-pink stroma: red and blue above green
     stroma = patch("normal_brain").reshape(-1, 3).astype(float).mean(axis=0)

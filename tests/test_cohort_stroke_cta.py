@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pytest
 
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.stroke_cta import (
     KAPPA_DAYS,
     StrokeCTA,
@@ -56,16 +55,12 @@ def geometry(tmp_path_factory):
     )
 
 
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
-
-
 def test_same_seed_same_bytes_other_seed_differs(tmp_path_factory):
     a = _make(tmp_path_factory, "a", seed=0, workers=1, **SMALL)
     b = _make(tmp_path_factory, "b", seed=0, workers=2, **SMALL)
     c = _make(tmp_path_factory, "c", seed=1, workers=2, **SMALL)
-    assert _checksums(a.root) == _checksums(b.root)
-    ca, cc = _checksums(a.root), _checksums(c.root)
+    assert recorded_checksums(a.root) == recorded_checksums(b.root)
+    ca, cc = recorded_checksums(a.root), recorded_checksums(c.root)
     assert ca["subjects.csv"] != cc["subjects.csv"]
     assert ca["images/sub-0001_cta.nii.gz"] != cc["images/sub-0001_cta.nii.gz"]
 

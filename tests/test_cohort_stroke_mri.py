@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import matplotlib.figure
 import nibabel as nib
 import numpy as np
@@ -12,6 +10,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from mmlib.cohorts import generator
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.stroke_mri import (
     ALL_REGIONS,
     MAR_FIELDS,
@@ -26,10 +25,6 @@ from mmlib.data import load_cohort
 
 # smoke's 8 mm voxels with enough subjects to see the effects: 300 labelled + a 100 pool
 BIG = dict(n_subjects=400, n_labelled=300)
-
-
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +52,9 @@ def _row(checks, knob):
 def test_same_seed_same_bytes_and_a_new_seed_differs(smoke, tmp_path):
     again = StrokeMRI("smoke").generate(out_dir=tmp_path / "again", seed=0, workers=1, show_progress=False)
     other = StrokeMRI("smoke").generate(out_dir=tmp_path / "other", seed=1, workers=2, show_progress=False)
-    assert _checksums(again.root) == _checksums(smoke.root)  # whatever the number of workers
-    assert _checksums(other.root) != _checksums(smoke.root)
-    assert set(_checksums(other.root)) == set(_checksums(smoke.root))  # same layout, other content
+    assert recorded_checksums(again.root) == recorded_checksums(smoke.root)  # whatever the number of workers
+    assert recorded_checksums(other.root) != recorded_checksums(smoke.root)
+    assert set(recorded_checksums(other.root)) == set(recorded_checksums(smoke.root))  # same layout, other content
 
 
 def test_manifest_validates_with_splits_labels_and_types(smoke):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.xray_ecg import (
     ECG_CLASSES,
     LEADS,
@@ -27,10 +27,6 @@ from mmlib.data import load_cohort
 # big enough for every planted effect to clear its 3-SD margin, small enough to render in seconds
 EFFECT_KNOBS = {"n_subjects": 300, "image_size": 64}
 SIGNAL_KNOBS = ("image_signal", "ecg_signal", "coupling")
-
-
-def _checksums(root):
-    return json.loads((root / "cohort.json").read_text())["checksums"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +51,10 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
     a = XrayECGReports("smoke").generate(out_dir=tmp_path / "a", seed=0, workers=1, show_progress=False)
     b = XrayECGReports("smoke").generate(out_dir=tmp_path / "b", seed=0, workers=2, show_progress=False)
     c = XrayECGReports("smoke").generate(out_dir=tmp_path / "c", seed=1, workers=2, show_progress=False)
-    assert _checksums(a.root) == _checksums(b.root)
-    assert _checksums(a.root) != _checksums(c.root)
+    assert recorded_checksums(a.root) == recorded_checksums(b.root)
+    assert recorded_checksums(a.root) != recorded_checksums(c.root)
     # every subject has 5 files (PNG, .dat, .hea, 2 texts); the smoke cohort validates
-    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in _checksums(a.root)) == 5 * len(a)
+    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in recorded_checksums(a.root)) == 5 * len(a)
     load_cohort(a.root)
 
 

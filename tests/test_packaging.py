@@ -59,8 +59,8 @@ def test_generated_paths_are_ignored_by_git():
 
 def test_makefile_has_the_documented_targets():
     make = (ROOT / "Makefile").read_text()
-    for target in ("setup", "reproduce", "test", "lab", "sync", "clean"):
-        assert re.search(rf"^{target}:", make, re.M), f"Makefile lacks target {target}"
+    for target in ("setup", "data", "reproduce", "test", "lab", "sync", "clean"):
+        assert re.search(rf"^{target}:", make, re.MULTILINE), f"Makefile lacks target {target}"
     readme = (ROOT / "README.md").read_text()
     assert "make reproduce" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, SubjectFiles
 from mmlib.core import get_logger
@@ -26,8 +25,8 @@ __all__ = [
     "CohortKnobs",
     "CohortPlan",
     "SubjectFiles",
-    "generator",
     "generate",
+    "generator",
     "open_cohort",
 ]
 

@@ -38,7 +38,7 @@ from mmlib.core import Profile, ProfileSet, get_logger, progress
 from mmlib.data.manifest import MANIFEST_NAME, Cohort, Manifest, default_data_dir, load_cohort
 from mmlib.results import atomic_write_text
 
-__all__ = ["CohortKnobs", "CohortPlan", "CohortGenerator", "SubjectFiles", "sha256_file", "to_jsonable"]
+__all__ = ["CohortGenerator", "CohortKnobs", "CohortPlan", "SubjectFiles", "recorded_checksums", "sha256_file", "to_jsonable"]
 
 log = get_logger(__name__)
 
@@ -192,6 +192,11 @@ class SubjectFiles:
         with self.atomic(f"{rel}.hea", ".hea") as tmp:
             tmp.write_text("\n".join(lines) + "\n")
         return rel
+
+
+def recorded_checksums(root: str | os.PathLike) -> dict[str, str]:
+    """The sha256 of every file of a generated cohort, as its ``cohort.json`` records them."""
+    return json.loads((Path(root) / COHORT_RECORD).read_text())["checksums"]
 
 
 def _stream_key(name: str) -> int:

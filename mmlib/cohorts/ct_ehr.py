@@ -39,8 +39,15 @@ from mmlib.core import ProfileSet
 from mmlib.data.manifest import Cohort, Column, LongTable, Manifest, Modality, Survival
 
 __all__ = [
-    "Knobs", "PRESETS", "CTEHR", "VOCABULARY", "RISK_FAMILIES", "render_chest_ct", "ehr_risk_score",
-    "tour_figures", "planted_effect_checks",
+    "CTEHR",
+    "PRESETS",
+    "RISK_FAMILIES",
+    "VOCABULARY",
+    "Knobs",
+    "ehr_risk_score",
+    "planted_effect_checks",
+    "render_chest_ct",
+    "tour_figures",
 ]
 
 AGE_MEAN, AGE_SD = 62.0, 14.0  # the internal population; the age term is per AGE_SD years

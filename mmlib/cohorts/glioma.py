@@ -49,8 +49,18 @@ from mmlib.core import ProfileSet
 from mmlib.data.manifest import Cohort, Column, LongTable, Manifest, Modality, Survival
 
 __all__ = [
-    "GRADES", "SUBTYPES", "PROGRAMS", "GENE_GROUPS", "Knobs", "PRESETS", "Glioma",
-    "render_he_patch", "nuclear_measures", "gene_groups", "tour_figures", "planted_effect_checks",
+    "GENE_GROUPS",
+    "GRADES",
+    "PRESETS",
+    "PROGRAMS",
+    "SUBTYPES",
+    "Glioma",
+    "Knobs",
+    "gene_groups",
+    "nuclear_measures",
+    "planted_effect_checks",
+    "render_he_patch",
+    "tour_figures",
 ]  # fmt: skip
 
 GRADES = ("II", "III", "IV")

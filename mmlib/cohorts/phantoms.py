@@ -10,12 +10,12 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "ras_affine",
-    "grid_mm",
-    "ellipsoid",
-    "tube",
-    "smooth_field",
     "deform",
+    "ellipsoid",
+    "grid_mm",
+    "ras_affine",
+    "smooth_field",
+    "tube",
     "weibull_ph_times",
 ]
 

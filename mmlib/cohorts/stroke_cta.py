@@ -37,12 +37,12 @@ from mmlib.core import ProfileSet, get_logger
 from mmlib.data.manifest import Column, Manifest, Modality, Survival
 
 __all__ = [
-    "Knobs",
     "PRESETS",
+    "Knobs",
     "StrokeCTA",
     "finetune_rule",
-    "plaque_load",
     "planted_effect_checks",
+    "plaque_load",
     "tour_figures",
     "vessel_mip_volume",
 ]

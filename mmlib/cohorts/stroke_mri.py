@@ -42,7 +42,7 @@ from mmlib.cohorts.base import CohortGenerator, CohortKnobs, CohortPlan, Subject
 from mmlib.core import ProfileSet
 from mmlib.data.manifest import Column, Manifest, Modality
 
-__all__ = ["Knobs", "PRESETS", "REGIONS", "StrokeMRI", "anatomy", "tour_figures", "planted_effect_checks"]
+__all__ = ["PRESETS", "REGIONS", "Knobs", "StrokeMRI", "anatomy", "planted_effect_checks", "tour_figures"]
 
 # the brain's field of view in MNI mm (x, y, z): the template's brain bounding box plus a margin
 FOV_CENTER_MM = (0.0, -17.0, 5.0)
@@ -391,7 +391,7 @@ class StrokeMRI(CohortGenerator):
             "lesion_log_ml_per_unit": LESION_LOG_LOAD, "region_load_scale": REGION_LOAD_SCALE,
             "effects_log_odds_per_unit": effects,
             "regions": regions,
-            "region_voxels": {r: int(len(v)) for r, v in anat["region_voxels"].items()},
+            "region_voxels": {r: len(v) for r, v in anat["region_voxels"].items()},
             "atrophy": "ventricles widen by ventricle_widening_mm, sulci by sulcal_widening_mm (atrophy_mm_per_decade "
                        "x decades past 40 x lognormal(0, 0.2)); GM and WM shrink in proportion",
             "flair_levels": LEVELS, "site_gain": {c: f"1 + {g:+g} x site_shift" for c, g in CENTRE_GAIN.items()},

@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,8 +54,20 @@ if TYPE_CHECKING:
     from mmlib.data import Cohort
 
 __all__ = [
-    "Knobs", "PRESETS", "presets", "XrayECGReports", "XRAY_FINDINGS", "ECG_CLASSES", "CONDITIONS", "LEADS",
-    "measure_ctr", "ecg_features", "read_ecg", "report_labels", "tour_figures", "planted_effect_checks",
+    "CONDITIONS",
+    "ECG_CLASSES",
+    "LEADS",
+    "PRESETS",
+    "XRAY_FINDINGS",
+    "Knobs",
+    "XrayECGReports",
+    "ecg_features",
+    "measure_ctr",
+    "planted_effect_checks",
+    "presets",
+    "read_ecg",
+    "report_labels",
+    "tour_figures",
 ]
 
 XRAY_FINDINGS = ("atelectasis", "cardiomegaly", "edema", "pleural_effusion")

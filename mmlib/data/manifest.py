@@ -28,16 +28,16 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "MANIFEST_NAME",
+    "Cohort",
     "Column",
-    "Modality",
-    "Survival",
     "LongTable",
     "Manifest",
     "ManifestError",
-    "Cohort",
-    "load_cohort",
+    "Modality",
+    "Survival",
     "default_data_dir",
-    "MANIFEST_NAME",
+    "load_cohort",
 ]
 
 MANIFEST_NAME = "manifest.json"

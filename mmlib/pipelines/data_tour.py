@@ -11,10 +11,11 @@ from typing import Any
 import pandas as pd
 
 from mmlib.cohorts import GENERATORS
+from mmlib.cohorts.base import recorded_checksums
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
 
-__all__ = ["DataTourProfile", "PROFILES", "COHORTS", "cohort_module", "cohort_summary", "truth_table", "paper_sizes"]
+__all__ = ["COHORTS", "PROFILES", "DataTourProfile", "cohort_module", "cohort_summary", "paper_sizes", "truth_table"]
 
 # notebook order = paper order
 COHORTS: tuple[str, ...] = ("stroke_mri", "stroke_cta", "xray_ecg", "ct_ehr", "glioma")
@@ -39,8 +40,7 @@ def cohort_module(name: str) -> Any:
 
 
 def _folder_size(cohort: Cohort) -> tuple[int, int]:
-    record = json.loads((cohort.root / "cohort.json").read_text())
-    files = list(record["checksums"])
+    files = list(recorded_checksums(cohort.root))
     return len(files), sum(os.path.getsize(cohort.root / f) for f in files)
 
 

@@ -79,7 +79,7 @@ def _km_summary(event: np.ndarray, time: np.ndarray, horizons: tuple[int, ...]) 
 
     t, s = kaplan_meier_estimator(event, time)
     below = np.nonzero(s <= 0.5)[0]
-    out = {"n": int(len(time)), "events": int(event.sum()), "median survival (days)": float(t[below[0]]) if len(below) else np.nan}
+    out = {"n": len(time), "events": int(event.sum()), "median survival (days)": float(t[below[0]]) if len(below) else np.nan}
     for h in horizons:
         idx = np.searchsorted(t, h, side="right") - 1
         out[f"S({h} d)"] = float(s[idx]) if idx >= 0 else 1.0
