@@ -22,7 +22,6 @@ from mmlib.cohorts.xray_ecg import (
     read_ecg,
     report_labels,
 )
-from mmlib.data import load_cohort
 
 # big enough for every planted effect to clear its 3-SD margin, small enough to render in seconds
 EFFECT_KNOBS = {"n_subjects": 300, "image_size": 64}
@@ -47,18 +46,9 @@ def checks(cohort):
     return planted_effect_checks(cohort).set_index("effect", append=True)
 
 
-def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
-    a = XrayECGReports("smoke").generate(out_dir=tmp_path / "a", seed=0, workers=1, show_progress=False)
-    b = XrayECGReports("smoke").generate(out_dir=tmp_path / "b", seed=0, workers=2, show_progress=False)
-    c = XrayECGReports("smoke").generate(out_dir=tmp_path / "c", seed=1, workers=2, show_progress=False)
-    assert recorded_checksums(a.root) == recorded_checksums(b.root)
-    assert recorded_checksums(a.root) != recorded_checksums(c.root)
-    # every subject has 5 files (PNG, .dat, .hea, 2 texts); the smoke cohort validates
-    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in recorded_checksums(a.root)) == 5 * len(a)
-    load_cohort(a.root)
-
-
 def test_manifest_columns_splits_and_truth(cohort):
+    # every subject has 5 files: PNG, ECG .dat and .hea, two reports
+    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in recorded_checksums(cohort.root)) == 5 * len(cohort)
     m = cohort.manifest
     assert [mod.name for mod in m.modalities] == ["xray", "ecg", "report", "ecg_statement"]
     assert [mod.format for mod in m.modalities] == ["png", "wfdb", "text", "text"]
