@@ -33,6 +33,13 @@ def test_notebook_has_one_parameters_cell_with_the_required_names(path):
     assert len(runner.parameters_cells(again)) == 1
     assert nb.metadata["kernelspec"]["language"] == "python"
     assert nb.metadata["kernelspec"]["name"] == runner.KERNEL_NAME
+    # papermill must parse every line of it (an "=" inside a comment defeats its parser)
+    from papermill.translators import PythonTranslator
+
+    cell = nb.cells[runner.parameters_cells(nb)[0]]
+    assigned = [ln.split("=")[0].strip() for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")]
+    parsed = [p.name for p in PythonTranslator.inspect(cell)]
+    assert parsed == assigned, f"{path.name}: papermill parsed {parsed} from the parameters cell, expected {assigned}"
 
 
 def test_notebook_names_follow_the_convention():

@@ -1,0 +1,431 @@
+"""One training loop, freezing schedules and safe checkpoints.
+
+- :class:`FreezeSchedule` says which named stages of a model are frozen at each epoch. Three
+  constructors cover P2's setups: :func:`from_scratch`, :func:`frozen_encoder` and
+  :func:`progressive_unfreeze` (P2 Figure 3: the last encoder stage unfreezes at epoch 50, the
+  second-last at 100, the third-last at 150 of 250). :func:`trainable_parameter_schedule`
+  counts the trainable parameters per epoch.
+- :func:`fit` runs epochs with validation, keeps the best checkpoint and resumes from the last.
+  The optimizer is built over *all* parameters once; frozen ones carry no gradient, which
+  torch's optimizers skip, so a stage unfrozen later is picked up with fresh optimizer state.
+  Frozen stages are also put in eval mode (BatchNorm statistics and dropout stay fixed), so a
+  frozen stage does not change at all.
+- Checkpoints are safetensors plus a JSON sidecar; nothing is unpickled. :func:`load_encoder`
+  loads pretrained encoder weights strictly: every key and every shape must match, or it raises
+  :class:`CheckpointMismatchError` listing what did not (P2's public code loads by name and
+  silently skips mismatches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mmlib import core
+from mmlib.results import atomic_write_bytes, atomic_write_text
+
+__all__ = [
+    "CheckpointMismatchError",
+    "FreezeSchedule",
+    "apply_freeze",
+    "fit",
+    "from_scratch",
+    "frozen_encoder",
+    "load_checkpoint",
+    "load_encoder",
+    "progressive_unfreeze",
+    "save_checkpoint",
+    "to_device",
+    "trainable_parameter_schedule",
+]
+
+log = core.get_logger(__name__)
+
+# --------------------------------------------------------------------------- freezing
+
+
+@dataclass(frozen=True)
+class FreezeSchedule:
+    """Which stages are frozen when.
+
+    Args:
+        name: a label for tables and figures.
+        frozen: stages frozen from epoch 0 (names the model's ``stage_modules`` understands,
+            e.g. ``"encoder.layer4"``, or any submodule path).
+        unfreeze: ``(epoch, stage)`` pairs: the stage trains from that epoch on (0-based).
+    """
+
+    name: str
+    frozen: tuple[str, ...] = ()
+    unfreeze: tuple[tuple[int, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted({s for _, s in self.unfreeze} - set(self.frozen))
+        if unknown:
+            raise ValueError(f"schedule {self.name!r} unfreezes stages that are not frozen: {unknown}")
+        bad = [e for e, _ in self.unfreeze if e < 0]
+        if bad:
+            raise ValueError(f"schedule {self.name!r}: unfreeze epochs must be >= 0, got {bad}")
+
+    def frozen_at(self, epoch: int) -> list[str]:
+        """Stages frozen during ``epoch``."""
+        thawed = {s for e, s in self.unfreeze if e <= epoch}
+        return [s for s in self.frozen if s not in thawed]
+
+    def unfrozen_at(self, epoch: int) -> list[str]:
+        """Stages that become trainable exactly at ``epoch``."""
+        return [s for e, s in self.unfreeze if e == epoch]
+
+
+def from_scratch() -> FreezeSchedule:
+    """Everything trains from epoch 0 (random initialisation is the caller's business)."""
+    return FreezeSchedule("from scratch")
+
+
+def frozen_encoder(model: nn.Module) -> FreezeSchedule:
+    """Every encoder stage frozen throughout; only the heads and MLPs train."""
+    return FreezeSchedule("pretrained frozen", frozen=tuple(model.encoder_stages()))
+
+
+def progressive_unfreeze(model: nn.Module, epochs: Sequence[int] = (50, 100, 150)) -> FreezeSchedule:
+    """Encoder frozen, then the last stage unfreezes at ``epochs[0]``, the second-last at ``epochs[1]``, ...
+
+    P2 (Figure 3): 50, 100, 150 of 250 epochs; the earlier stages stay frozen throughout.
+    """
+    stages = list(model.encoder_stages())
+    epochs = [int(e) for e in epochs]
+    if len(epochs) > len(stages):
+        raise ValueError(f"{len(epochs)} unfreeze epochs for {len(stages)} encoder stages")
+    if sorted(epochs) != epochs:
+        raise ValueError(f"unfreeze epochs must be increasing, got {epochs}")
+    unfreeze = tuple((e, stages[-1 - i]) for i, e in enumerate(epochs))
+    return FreezeSchedule("pretrained progressive", frozen=tuple(stages), unfreeze=unfreeze)
+
+
+def _stage_modules(model: nn.Module, stage: str) -> list[nn.Module]:
+    if hasattr(model, "stage_modules"):
+        return list(model.stage_modules(stage))
+    return [model.get_submodule(stage)]
+
+
+def _stage_params(model: nn.Module, stages: Iterable[str]) -> set[int]:
+    ids: set[int] = set()
+    for s in stages:
+        for m in _stage_modules(model, s):
+            ids.update(id(p) for p in m.parameters())
+    return ids
+
+
+def apply_freeze(model: nn.Module, schedule: FreezeSchedule, epoch: int, *, train: bool = True) -> int:
+    """Set ``requires_grad`` (and train/eval mode) for ``epoch``; returns the trainable parameter count.
+
+    With ``train=True`` the model is put in train mode except the frozen stages, which go to
+    eval mode so their BatchNorm running statistics and dropout do not move.
+    """
+    frozen_stages = schedule.frozen_at(epoch)
+    frozen = _stage_params(model, frozen_stages)
+    n = 0
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+        n += p.numel() if p.requires_grad else 0
+    model.train(train)
+    if train:
+        for s in frozen_stages:
+            for m in _stage_modules(model, s):
+                m.eval()
+    return n
+
+
+def trainable_parameter_schedule(model: nn.Module, schedule: FreezeSchedule, epochs: int) -> pd.DataFrame:
+    """Trainable parameters per epoch: columns ``epoch``, ``trainable``, ``frozen``, ``unfrozen_now``.
+
+    Leaves the model's ``requires_grad`` flags as they were.
+    """
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    total = sum(p.numel() for p in model.parameters())
+    frozen_cache: dict[tuple[str, ...], int] = {}
+    rows = []
+    for e in range(epochs):
+        key = tuple(schedule.frozen_at(e))
+        if key not in frozen_cache:
+            ids = _stage_params(model, key)
+            frozen_cache[key] = sum(p.numel() for p in model.parameters() if id(p) in ids)
+        rows.append({"epoch": e, "trainable": total - frozen_cache[key], "frozen": frozen_cache[key],
+                     "unfrozen_now": ", ".join(schedule.unfrozen_at(e))})
+    for p in model.parameters():
+        p.requires_grad_(before[id(p)])
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointMismatchError(ValueError):
+    """Pretrained weights that do not fit the target module; ``.missing``, ``.unexpected``, ``.shapes``."""
+
+    def __init__(self, what: str, missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple, tuple]]):
+        self.missing, self.unexpected, self.shapes = missing, unexpected, shapes
+        lines = [f"{what}: the checkpoint does not fit the model"]
+        if shapes:
+            lines.append(f"  {len(shapes)} shape mismatch(es) (key: checkpoint vs model):")
+            lines += [f"    {k}: {tuple(a)} vs {tuple(b)}" for k, a, b in shapes[:20]]
+        if missing:
+            lines.append(f"  {len(missing)} key(s) the model has but the checkpoint lacks: {missing[:20]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} key(s) in the checkpoint the model lacks: {unexpected[:20]}")
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_encoder` loaded: every key of the target, each with a matching shape."""
+
+    keys: int
+    parameters: int
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"loaded {self.keys} tensors ({self.parameters:,} values) from {self.source or 'state dict'}: all keys and shapes matched"
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def _file(stem: Path, suffix: str) -> Path:
+    # not with_suffix: a stem like "run.best" must keep its ".best"
+    return stem.with_name(stem.name + suffix)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write ``<path>.safetensors`` (+ ``<path>.optim.safetensors``) and ``<path>.json``, each atomically.
+
+    ``meta`` (JSON-serialisable: architecture, epoch, losses, seed, ...) goes to the sidecar.
+    Returns the ``.safetensors`` path.
+    """
+    from safetensors.torch import save
+
+    stem = _stem(path)
+    state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    sidecar: dict[str, Any] = {"format": "mmlib-checkpoint-1", "meta": dict(meta or {}), "keys": len(tensors)}
+    if optimizer is not None:
+        opt_state = optimizer.state_dict()
+        flat = {}
+        for idx, st in opt_state["state"].items():
+            for name, value in st.items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                flat[f"{idx}.{name}"] = t.detach().cpu().contiguous()
+        atomic_write_bytes(_file(stem, ".optim.safetensors"), save(flat))
+        sidecar["optimizer"] = {"class": type(optimizer).__name__, "param_groups": opt_state["param_groups"]}
+    atomic_write_bytes(_file(stem, ".safetensors"), save(tensors))
+    atomic_write_text(_file(stem, ".json"), json.dumps(sidecar, indent=1, sort_keys=True, default=str))
+    return _file(stem, ".safetensors")
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(state_dict, meta)`` (CPU tensors)."""
+    from safetensors.torch import load_file
+
+    stem = _stem(path)
+    weights, sidecar = _file(stem, ".safetensors"), _file(stem, ".json")
+    for f in (weights, sidecar):
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint file {f} not found (a checkpoint is <stem>.safetensors + <stem>.json)")
+    try:
+        info = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{sidecar}: not valid JSON ({e})") from None
+    return load_file(str(weights)), dict(info.get("meta", {}))
+
+
+def _load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    from safetensors.torch import load_file
+
+    stem = _stem(path)
+    info = json.loads(_file(stem, ".json").read_text())
+    flat = load_file(str(_file(stem, ".optim.safetensors")))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["optimizer"]["param_groups"]})
+
+
+def load_encoder(
+    target: nn.Module,
+    source: str | Path | Mapping[str, torch.Tensor],
+    *,
+    prefix: str = "encoder.",
+    what: str | None = None,
+) -> LoadReport:
+    """Load pretrained weights into ``target`` strictly, or raise :class:`CheckpointMismatchError`.
+
+    Args:
+        target: the module to fill (e.g. ``model.encoder`` of a fine-tuning model).
+        source: a checkpoint path (:func:`save_checkpoint`) or a state dict, e.g. a whole
+            autoencoder's; only keys starting with ``prefix`` are used, with the prefix removed.
+        prefix: the target's key prefix inside ``source`` ("" for a bare encoder state dict).
+        what: a name for the error message.
+
+    Every key of ``target`` must be present with the same shape and every ``prefix`` key of the
+    source must be used; otherwise nothing is loaded and the error lists each mismatch.
+    """
+    meta: dict[str, Any] = {}
+    label = what or (str(source) if isinstance(source, (str, Path)) else type(target).__name__)
+    if isinstance(source, (str, Path)):
+        state, meta = load_checkpoint(source)
+    else:
+        state = dict(source)
+    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not picked:
+        raise CheckpointMismatchError(label, sorted(target.state_dict()), [f"(no key starts with {prefix!r}; "
+                                      f"first keys: {sorted(state)[:5]})"], [])
+    own = target.state_dict()
+    missing = sorted(set(own) - set(picked))
+    unexpected = sorted(set(picked) - set(own))
+    shapes = [(k, tuple(picked[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(picked))
+              if tuple(picked[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(label, missing, unexpected, shapes)
+    target.load_state_dict(picked, strict=True)
+    return LoadReport(keys=len(picked), parameters=sum(v.numel() for v in picked.values()),
+                      source=str(source) if isinstance(source, (str, Path)) else "", meta=meta)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch dict to ``device`` (other values pass through)."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def fit(
+    model: nn.Module,
+    *,
+    loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+    train_batches: Callable[[int], Iterable[Mapping[str, Any]]],
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    val_batches: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    schedule: FreezeSchedule | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = True,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    seed: int = 0,
+    meta: Mapping[str, Any] | None = None,
+    desc: str = "train",
+) -> pd.DataFrame:
+    """Train ``model`` for ``epochs``; returns one row per epoch.
+
+    Args:
+        model: the network (moved to ``device``).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; the batch is already on ``device``.
+        train_batches: ``train_batches(epoch)`` yields the epoch's batches (shuffle with a
+            generator seeded by the epoch, so a resumed run sees the same batches).
+        epochs: total epochs.
+        optimizer: built over all of the model's parameters (frozen ones are skipped while frozen).
+        val_batches: yields validation batches; the mean loss is logged and picks the best epoch.
+        schedule: freezing schedule (default: nothing frozen).
+        checkpoint: path stem; writes ``<stem>.last`` every epoch (model + optimizer + history,
+            for resuming) and ``<stem>.best`` at each new best validation loss (or last epoch
+            without validation).
+        resume: continue from ``<stem>.last`` when it exists and has the same ``meta``.
+        device: where to train.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (:func:`mmlib.core.autocast`).
+        seed: each epoch starts from ``torch.manual_seed(seed, epoch)``: dropout and any
+            torch-drawn augmentation depend on (seed, epoch) only, so resuming is exact.
+        meta: JSON-able description stored in the checkpoints (architecture, setup, ...).
+        desc: progress-bar label.
+
+    Returns:
+        DataFrame with ``epoch``, ``train_loss``, ``val_loss``, ``trainable``, ``seconds``, ``best``.
+    """
+    device = torch.device(device)
+    model.to(device)
+    schedule = schedule or from_scratch()
+    meta = dict(meta or {}, epochs=epochs, schedule=schedule.name, seed=seed)
+    rows: list[dict[str, Any]] = []
+    start = 0
+    best = math.inf
+    stem = _stem(checkpoint) if checkpoint is not None else None
+    if stem is not None and resume and stem.with_name(stem.name + ".last.json").is_file():
+        state, saved = load_checkpoint(stem.with_name(stem.name + ".last"))
+        same = {k: v for k, v in saved.items() if k not in ("history", "epoch")} == json.loads(json.dumps(meta, default=str))
+        if same:
+            model.load_state_dict(state)
+            _load_optimizer(stem.with_name(stem.name + ".last"), optimizer)
+            rows = list(saved["history"])
+            start = int(saved["epoch"]) + 1
+            best = min([r["val_loss"] if r["val_loss"] is not None else math.inf for r in rows] or [math.inf])
+            log.info("%s: resumed after epoch %d from %s", desc, start - 1, stem.with_name(stem.name + ".last"))
+        else:
+            log.info("%s: %s.last has other settings; starting afresh", desc, stem)
+    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        torch.manual_seed(seed * 100_003 + epoch)
+        n_trainable = apply_freeze(model, schedule, epoch, train=True)
+        total, count = 0.0, 0
+        for batch in train_batches(epoch):
+            batch = to_device(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            with core.autocast(device, precision):
+                loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * _batch_size(batch)
+            count += _batch_size(batch)
+        train_loss = total / max(count, 1)
+        val_loss = None
+        if val_batches is not None:
+            apply_freeze(model, schedule, epoch, train=False)
+            vt, vc = 0.0, 0
+            with torch.no_grad(), core.autocast(device, precision):
+                for batch in val_batches():
+                    batch = to_device(batch, device)
+                    vt += float(loss_fn(model, batch)) * _batch_size(batch)
+                    vc += _batch_size(batch)
+            val_loss = vt / max(vc, 1)
+        score = val_loss if val_loss is not None else (0.0 if epoch == epochs - 1 else math.inf)
+        is_best = score < best
+        best = min(best, score)
+        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
+                     "seconds": round(time.perf_counter() - t0, 3), "best": is_best})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
+        if stem is not None:
+            if is_best:
+                save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
+            save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
+                            meta=dict(meta, epoch=epoch, history=rows))
+    model.eval()
+    return pd.DataFrame(rows)
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.ndim > 0:
+            return int(v.shape[0])
+    return 1

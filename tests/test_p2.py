@@ -1,0 +1,83 @@
+"""P2 pipeline pieces that the notebook's smoke run does not pin down by value."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmlib.pipelines import p2
+
+
+def _table():
+    return pd.DataFrame({
+        "subject_id": ["a", "b", "c", "d"], "age": [60.0, 70.0, 80.0, 70.0], "gender": ["M", "F", "m", "F"],
+        "chd": [1, 0, 0, 1], "pad": [0, 0, 1, 1],
+    })
+
+
+def test_tabular_inputs_encode_age_z_gender_two_bits_chd_pad():
+    x = p2.tabular_inputs(_table())
+    assert x.shape == (4, 5) and x.dtype == np.float32
+    age = np.array([60.0, 70.0, 80.0, 70.0])
+    np.testing.assert_allclose(x[:, 0], (age - age.mean()) / age.std(), rtol=1e-6)
+    np.testing.assert_array_equal(x[:, 1], [1, 0, 1, 0])  # male bit
+    np.testing.assert_array_equal(x[:, 2], [0, 1, 0, 1])  # female bit
+    np.testing.assert_array_equal(x[:, 1] + x[:, 2], 1)
+    np.testing.assert_array_equal(x[:, 3:], [[1, 0], [0, 0], [0, 1], [1, 1]])
+
+
+def test_tabular_inputs_name_bad_columns():
+    with pytest.raises(ValueError, match="gender"):
+        p2.tabular_inputs(_table().assign(gender=["M", "X", "F", "F"]))
+    with pytest.raises(ValueError, match="pad"):
+        p2.tabular_inputs(_table().drop(columns="pad"))
+    with pytest.raises(ValueError, match="age"):
+        p2.tabular_inputs(_table().assign(age=70.0))
+
+
+def test_contribution_groups_cover_the_five_inputs_once_with_gender_together():
+    cols = [c for key, cs in p2.GROUPS.values() if key == "tabular" for c in cs]
+    assert sorted(cols) == list(range(len(p2.TABULAR_INPUTS)))
+    assert p2.GROUPS["gender"] == ("tabular", [1, 2])
+    assert p2.GROUPS["vision"] == ("image", None)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
+def test_profiles_build_models_that_fit_their_grid(profile):
+    prof = p2.PROFILES[profile]
+    assert all(s % 32 == 0 and s % prof.vit_patch == 0 for s in prof.spatial_size)
+    assert list(prof.unfreeze_epochs) == sorted(prof.unfreeze_epochs) and max(prof.unfreeze_epochs) < prof.finetune_epochs
+    with torch.device("meta"):
+        for kind in ("ResNetAutoEnc", "ViTAutoEnc", "ResNetMLP", "ViTMLP"):
+            p2.build_model(kind, prof)
+
+
+def test_full_profile_uses_the_paper_sizes_and_schedule():
+    f = p2.PROFILES["full"]
+    assert f.spatial_size == (224, 224, 320) and f.spacing_mm == (1.0, 1.0, 1.0)
+    assert f.resnet_widths == (64, 128, 256, 512) and f.resnet_layers == (3, 4, 6, 3)
+    assert (f.vit_patch, f.vit_hidden, f.vit_mlp, f.vit_layers, f.vit_heads) == (16, 768, 3072, 8, 8)
+    assert (f.pretrain_epochs, f.pretrain_lr, f.pretrain_batch) == (300, 1e-4, 1)
+    assert f.finetune_epochs == 250 and f.unfreeze_epochs == (50, 100, 150)
+    assert f.occlusion_mask == (8, 8, 10)
+    # 224 x 224 x 320 / (8 x 8 x 10) = the paper's 25,088 occlusion forward passes
+    assert np.prod([s // m for s, m in zip(f.spatial_size, f.occlusion_mask)]) == 25_088
+
+
+def test_claims_table_reports_what_the_numbers_say():
+    summary = pd.DataFrame([
+        {"backbone": b, "setup": s, "test AUC": auc, "vision": vis}
+        for b, s, auc, vis in [
+            ("ResNetMLP", "from scratch", 0.55, 0.80), ("ResNetMLP", "pretrained frozen", 0.65, 0.93),
+            ("ResNetMLP", "pretrained progressive", 0.71, 0.92), ("ViTMLP", "from scratch", 0.72, 0.001),
+            ("ViTMLP", "pretrained frozen", 0.74, 0.28), ("ViTMLP", "pretrained progressive", 0.73, 0.05),
+        ]
+    ])
+    hist = pd.DataFrame({"model": ["ResNetAutoEnc", "ViTAutoEnc"], "val_loss": [0.05, 0.03]})
+    held = p2.claims_table(summary, hist, {}).set_index("claim")["held"]
+    assert (held == "yes").all(), held  # the paper's own numbers satisfy every claim
+    summary.loc[summary["setup"] == "from scratch", "vision"] = 0.99  # scratch uses the image most
+    held = p2.claims_table(summary, hist.assign(val_loss=[0.03, 0.05]), {}).set_index("claim")["held"]
+    assert held["pretraining raises the vision contribution (ResNetMLP)"] == "no"
+    assert held["the ViT trained from scratch collapses onto the tabular data"] == "no"
+    assert held["the ViTAutoEnc reconstructs better than the ResNetAutoEnc (Figure 4)"] == "no"
