@@ -7,14 +7,8 @@ from torch import nn
 
 from mmlib.explain import localisation_scores, modality_contribution, occlusion_map, patch_grid
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread; it also keeps timings steady on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 MONAI_INDEXING_WARNING = "ignore:Using a non-tuple sequence:UserWarning"
 

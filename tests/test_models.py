@@ -5,14 +5,8 @@ import torch
 
 from mmlib.models import ResNetAutoEnc, ResNetMLP, ViTAutoEnc, ViTMLP
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread; it also keeps timings steady on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # Tiny sizes: the architectures are the paper's, only narrower and shallower.
 RES = dict(widths=(4, 8, 16, 32), layers=(1, 1, 1, 1))

@@ -7,6 +7,8 @@ import torch
 
 from mmlib.pipelines import p2
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _table():
     return pd.DataFrame({

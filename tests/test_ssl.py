@@ -6,14 +6,8 @@ from torch import nn
 
 from mmlib.ssl import InputCorruption, reconstruction_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread; it also keeps timings steady on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _volumes(b: int = 2, shape=(16, 16, 16), seed: int = 0) -> torch.Tensor:

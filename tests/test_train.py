@@ -20,13 +20,7 @@ from mmlib.train import (
     trainable_parameter_schedule,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread; it also keeps timings steady on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 RES = dict(widths=(4, 8, 16, 32), layers=(1, 1, 1, 1))
