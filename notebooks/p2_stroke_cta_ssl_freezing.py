@@ -39,6 +39,9 @@
 # 6. **Claims**: which of the paper's claims held on this data, and by how much the small test
 #    set lets us tell.
 #
+# The `full` profile (the paper's sizes and epochs) is meant for one GPU. It has not yet been
+# timed on one, so this notebook cannot yet say how long it takes.
+#
 # The default data are the generated `stroke_cta` cohort (`data_manifest/cohorts/stroke_cta.md`).
 # A carotid plaque on the left raises the relapse hazard, and the four attributes carry their own
 # hazard ratios. Both the plaque's location and the image's planted share of the risk are known,
@@ -119,8 +122,8 @@ plt.show()
 # from its autoencoder and then kept frozen or unfrozen stage by stage. Every pretrained encoder
 # is loaded with a strict check, and the report below says that every key and shape matched.
 # Figure 3 counts the trainable parameters: the progressive schedule releases the last encoder
-# stage at 20% of the epochs, the second-last at 40% and the third-last at 60% (the paper: 50,
-# 100, 150 of 250).
+# stage, then the second-last, then the third-last, at the profile's `unfreeze_epochs` (the
+# paper: 50, 100, 150 of 250; `quick`: 5, 10, 15 of 25).
 
 # %%
 fig, schedules = p2.schedule_figure(prof)
@@ -158,6 +161,16 @@ display(Markdown("**Table 2** (this run; `paper` columns are the paper's reporte
 display(table2)
 display(Markdown("**Table 3** (%)"))
 display(table3)
+
+# %% [markdown]
+# A vision share of exactly 0 means that the image branch outputs the same features for every
+# patient. The check below counts, per setup, the image features that stay at zero (a ReLU that
+# never fires) on every test patient.
+
+# %%
+dead = p2.dead_vision_features(ft, data, device=dev)
+run.table(dead, "dead_vision_features", caption="Image-branch output features that are zero for every test patient, per setup")
+dead
 
 # %%
 fig = p2.contribution_figure(table3)

@@ -83,3 +83,28 @@ def test_claims_table_reports_what_the_numbers_say():
     assert held["pretraining raises the vision contribution (ResNetMLP)"] == "no"
     assert held["the ViT trained from scratch collapses onto the tabular data"] == "no"
     assert held["the ViTAutoEnc reconstructs better than the ResNetAutoEnc (Figure 4)"] == "no"
+
+
+def test_dead_vision_features_counts_relus_that_never_fire():
+    prof = p2.PROFILES["smoke"]
+    n = 6
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": ["test"] * n, "rfs_days": [100.0] * n})
+    data = p2.P2Data(table=table, images=torch.rand(n, 1, *prof.spatial_size).half(), tabular=torch.zeros(n, 5),
+                     masks=None, spacing_mm=prof.spacing_mm)
+    models = {}
+    for b in p2.BACKBONES:
+        for st in p2.SETUPS:
+            torch.manual_seed(0)
+            m = p2.build_model(b, prof)
+            linear = m.vision_head[-2]
+            with torch.no_grad():
+                if st == "from scratch":  # every output pushed far below zero: the ReLU never fires
+                    linear.bias.fill_(-1e6)
+                else:  # every output pushed far above zero: always active
+                    linear.bias.fill_(1e6)
+            models[(b, st, 0)] = m
+    ft = p2.FineTuned(models=models, evals={}, history=pd.DataFrame(), load_reports=[], seeds=[0])
+    dead = p2.dead_vision_features(ft, data, device=torch.device("cpu")).set_index(["backbone", "setup"])
+    for b in p2.BACKBONES:
+        assert dead.loc[(b, "from scratch"), "always zero"] == dead.loc[(b, "from scratch"), "features"] == 4
+        assert dead.loc[(b, "pretrained frozen"), "always zero"] == 0

@@ -40,7 +40,7 @@ from mmlib.train import FreezeSchedule, fit, from_scratch, frozen_encoder, load_
 
 __all__ = [
     "BACKBONES", "GROUPS", "KAPPA_DAYS", "PAPER_TABLE2", "PAPER_TABLE3", "PAPER_TABLE4", "PROFILES", "SETUPS",
-    "P2Data", "P2Profile", "build_model", "claims_table", "cohort_table", "evaluate", "finetune",
+    "P2Data", "P2Profile", "build_model", "claims_table", "cohort_table", "dead_vision_features", "evaluate", "finetune",
     "FineTuned", "OcclusionStudy", "Pretrained", "contribution_figure", "finetune_all", "load_data",
     "occlusion_case", "occlusion_study", "paper_vs_run", "planted_shares", "pretrain", "pretrain_both",
     "reconstruction_figure", "schedule_for", "schedule_figure", "seed_spread", "table2", "table3", "truth_comparison",
@@ -768,6 +768,22 @@ def contribution_figure(table3_df: pd.DataFrame):
     df = table3_df.assign(label=lambda d: d["source"].str.replace("paper reported", "paper") + " · " + d["backbone"] + " · " + d["setup"])
     return viz.stacked_shares(df.set_index("label")[list(GROUPS)], order=list(GROUPS),
                               title="Modality contribution on the test split (%)")
+
+
+def dead_vision_features(ft: FineTuned, data: P2Data, *, device: torch.device) -> pd.DataFrame:
+    """Per setup (first seed): how many of the image branch's output features are 0 for every test patient."""
+    rows = []
+    te = data.index("test")
+    for b in BACKBONES:
+        for st in SETUPS:
+            model = ft.models[(b, st, ft.seeds[0])].eval()
+            with torch.no_grad():
+                feats = torch.cat([model.vision_features(batch["image"].to(device)).float().cpu()
+                                   for batch in data.batches(te, 16)])
+            rows.append({"backbone": b, "setup": st, "features": feats.shape[1],
+                         "always zero": int((feats == 0).all(dim=0).sum()),
+                         "spread across patients (max SD)": float(feats.std(dim=0).max())})
+    return pd.DataFrame(rows)
 
 
 def seed_spread(ft: FineTuned) -> pd.DataFrame:
