@@ -88,7 +88,8 @@ def test_claims_table_reports_what_the_numbers_say():
 def test_dead_vision_features_counts_relus_that_never_fire():
     prof = p2.PROFILES["smoke"]
     n = 6
-    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": ["test"] * n, "rfs_days": [100.0] * n})
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": ["test"] * n, "pretrain_split": ["val"] * n,
+                          "rfs_days": [100.0] * n})
     data = p2.P2Data(table=table, images=torch.rand(n, 1, *prof.spatial_size).half(), tabular=torch.zeros(n, 5),
                      masks=None, spacing_mm=prof.spacing_mm)
     models = {}
