@@ -170,3 +170,23 @@ def test_encoder_stages_and_stage_modules():
         assert set(ids) == {id(p) for p in model.encoder.parameters()}
     # other paths fall through to submodules
     assert resnet.stage_modules("fusion") == [resnet.fusion]
+
+
+def test_vit_head_max_pool_keeps_the_patient_differences_average_pool_loses():
+    # After InstanceNorm + GELU each channel has zero mean / unit variance over space, so its
+    # spatial average barely depends on the input; the maximum does. Same weights, two pools.
+    torch.manual_seed(0)
+    kw = {**VIT, "img_size": (64, 64, 64), "head_channels": (16, 8)}
+    by_max, by_avg = ViTMLP(**kw, pool="max").eval(), ViTMLP(**kw, pool="avg").eval()
+    by_avg.load_state_dict(by_max.state_dict())
+    image = torch.randn(8, 1, 64, 64, 64) * torch.linspace(0.2, 3.0, 8).view(8, 1, 1, 1, 1)
+
+    def pooled_spread(model: ViTMLP) -> float:
+        with torch.no_grad():
+            pooled = model.vision_head[:8](model.encoder.to_grid(model.encoder(image)))  # up to Flatten
+        assert pooled.shape == (8, 8)
+        return float(pooled.std(0).mean())
+
+    assert pooled_spread(by_max) > 5 * pooled_spread(by_avg) > 0
+    with pytest.raises(ValueError, match="pool"):
+        ViTMLP(**VIT, pool="sum")

@@ -109,3 +109,46 @@ def test_dead_vision_features_counts_relus_that_never_fire():
     for b in p2.BACKBONES:
         assert dead.loc[(b, "from scratch"), "always zero"] == dead.loc[(b, "from scratch"), "features"] == 4
         assert dead.loc[(b, "pretrained frozen"), "always zero"] == 0
+
+
+def test_occlusion_study_scores_every_setup_and_flags_a_constant_image_branch():
+    prof = p2.PROFILES["smoke"].replace(occlusion_cases=2)
+    n = 4
+    ids = [f"s{i}" for i in range(n)]
+    table = pd.DataFrame({"subject_id": ids, "split": ["test"] * n, "pretrain_split": ["val"] * n,
+                          "rfs_days": [100.0, 200.0, 3000.0, 300.0], "label": [1.0, 1.0, 0.0, 1.0]})
+    masks = torch.zeros(n, *prof.spatial_size, dtype=torch.uint8)
+    masks[:, 2:6, 2:6, 4:10] = 1
+    data = p2.P2Data(table=table, images=torch.rand(n, 1, *prof.spatial_size).half(), tabular=torch.zeros(n, 5),
+                     masks=masks, spacing_mm=prof.spacing_mm)
+    models, evals = {}, {}
+    for b in p2.BACKBONES:
+        for k, st in enumerate(p2.SETUPS):
+            torch.manual_seed(k)
+            m = p2.build_model(b, prof).eval()
+            if (b, st) == ("ViTMLP", "from scratch"):
+                with torch.no_grad():
+                    m.vision_head[-2].bias.fill_(-1e6)  # image branch constant
+            models[(b, st, 0)] = m
+            vis = 0.0 if (b, st) == ("ViTMLP", "from scratch") else 0.5
+            evals[(b, st, 0)] = {
+                "test AUC": 0.5 + 0.1 * k,
+                "predictions": pd.DataFrame({"subject_id": ids, "rfs_pred_days": [10.0] * n}),
+                "per_sample": pd.DataFrame({"subject_id": ids, **{g: [0.2] * n for g in p2.GROUPS}}),
+                "contribution": pd.Series({g: (vis if g == "vision" else (1 - vis) / 4) for g in p2.GROUPS}),
+            }
+    ft = p2.FineTuned(models=models, evals=evals, history=pd.DataFrame(), load_reports=[], seeds=[0])
+    occ = p2.occlusion_study(ft, data, prof, device=torch.device("cpu"))
+    s = occ.localisation_summary.set_index(["backbone", "setup"])
+    assert len(s) == len(p2.BACKBONES) * len(p2.SETUPS)
+    # the constant branch: flagged, nothing scored; every other setup: the first relapses by id
+    assert s.loc[("ViTMLP", "from scratch"), "cases"] == 0
+    assert "constant" in s.loc[("ViTMLP", "from scratch"), "note"]
+    live = s.drop(index=("ViTMLP", "from scratch"))
+    assert (live["cases"] == min(prof.occlusion_cases, 3)).all()
+    assert ((live["mass_on_plaque"] >= 0) & (live["mass_on_plaque"] <= 1)).all()
+    scored = occ.localisation.groupby(["backbone", "setup"])["subject_id"].apply(list)
+    assert all(v == ["s0", "s1", "s3"][: prof.occlusion_cases] for v in scored)
+    # Table 4 rows: scratch and best (highest test AUC = pretrained progressive) per backbone, plus the paper's
+    t4 = occ.table4[occ.table4["source"] == "this run"]
+    assert set(t4["setup"]) == {"from scratch", "pretrained progressive"}

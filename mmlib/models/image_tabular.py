@@ -132,9 +132,18 @@ class ViTMLP(ImageTabularRegressor):
     With the paper's sizes (hidden 768, head channels 256 and 64, kernel 3) the vision head has
     ~5.75M parameters, as reported.
 
+    Pooling. The paper and the spec say "pool" without saying which. Global *average* pooling
+    right after InstanceNorm + GELU is nearly blind to the input: the norm gives every channel
+    zero mean and unit variance over space, so the spatial mean of GELU(z) depends only on the
+    shape of each channel's value distribution. On P2's quick cohort that left the pooled
+    features' spread across patients ~30x smaller than with max pooling, and the ReLU after the
+    linear layer then output 0 for every patient (no vision signal, no gradient to the encoder).
+    The default is therefore ``pool="max"``; ``pool="avg"`` builds the literal reading.
+
     Args:
         img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads: of the :class:`ViTEncoder`.
         head_channels: channels of the two head convolutions.
+        pool: ``"max"`` (default) or ``"avg"``: the global pooling of the head (see above).
         vision_features, tabular_hidden, tabular_features, fusion_hidden: head sizes (see module doc).
     """
 
@@ -148,6 +157,7 @@ class ViTMLP(ImageTabularRegressor):
         num_layers: int = 8,
         num_heads: int = 8,
         head_channels: Sequence[int] = (256, 64),
+        pool: str = "max",
         vision_features: int = 4,
         tabular_hidden: int = 16,
         tabular_features: int = 4,
@@ -157,11 +167,14 @@ class ViTMLP(ImageTabularRegressor):
                          vision_features=vision_features, fusion_hidden=fusion_hidden)
         self.encoder = ViTEncoder(img_size=img_size, patch_size=patch_size, hidden_size=hidden_size, mlp_dim=mlp_dim,
                                   num_layers=num_layers, num_heads=num_heads)
+        pools = {"max": nn.AdaptiveMaxPool3d, "avg": nn.AdaptiveAvgPool3d}
+        if pool not in pools:
+            raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
         c1, c2 = head_channels
         self.vision_head = nn.Sequential(
             nn.Conv3d(hidden_size, c1, kernel_size=3, padding=1), nn.InstanceNorm3d(c1), nn.GELU(),
             nn.Conv3d(c1, c2, kernel_size=3, padding=1), nn.InstanceNorm3d(c2), nn.GELU(),
-            nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c2, vision_features), nn.ReLU(),
+            pools[pool](1), nn.Flatten(), nn.Linear(c2, vision_features), nn.ReLU(),
         )
 
     def vision_features(self, image: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,7 @@ class P2Profile(Profile):
     finetune_seeds: tuple[int, ...] = (0,)
     occlusion_mask: tuple[int, int, int] = (8, 8, 12)
     occlusion_batch: int = 64
-    occlusion_cases: int = 4  # test relapse cases whose maps are scored against the plaque
+    occlusion_cases: int = 10  # test relapses whose maps are scored against the plaque, per setup
     n_boot: int = 500
     # fp32 | bf16 | auto (bf16 where the hardware runs it natively). CPU profiles use fp32: under CPU bf16
     # autocast the ViTMLP head gave NaN losses in training.
@@ -811,13 +811,24 @@ class OcclusionStudy:
     localisation_summary: pd.DataFrame
 
 
+# an occlusion map whose largest change is below this (output units: 1000 days, so 0.01 day) is
+# batch-size round-off, not sensitivity: the image branch is constant
+CONSTANT_MAP_TOL = 1e-5
+
+
 def _best_setup(ft: FineTuned, backbone: str) -> str:
     s = ft.summary.set_index(["backbone", "setup"])
     return max(SETUPS, key=lambda st: (s.loc[(backbone, st), "test AUC"], -SETUPS.index(st)))
 
 
 def occlusion_study(ft: FineTuned, data: P2Data, prof: P2Profile, *, device: torch.device) -> OcclusionStudy:
-    """Figure 5, Table 4 and the plaque-localisation scores (best model per backbone by test AUC)."""
+    """Figure 5 and Table 4 (best model per backbone by test AUC, as the paper) and the
+    plaque-localisation scores of every setup on the first ``occlusion_cases`` test relapses.
+
+    A setup whose image branch is constant (vision share 0) gives a map of float round-off
+    (below ``CONSTANT_MAP_TOL``) on the first case; its other cases are skipped and its summary
+    row says so.
+    """
     from mmlib import viz
 
     seed0 = ft.seeds[0]
@@ -835,30 +846,48 @@ def occlusion_study(ft: FineTuned, data: P2Data, prof: P2Profile, *, device: tor
     sid = t["subject_id"].iloc[case]
     case_text = (f"{sid}, a test relapse (RFS {int(t['rfs_days'].iloc[case])} days), "
                  + ("predicted a relapse by both models" if both else "not called a relapse by both models (no such case)"))
-    # scored cases: the first `occlusion_cases` test relapses by id (the figure's case among them if possible)
-    scored = relapse_rows[: prof.occlusion_cases]
-    if case not in scored:
-        scored = [case] + scored[:-1]
-    loc_rows, maps = [], {}
-    for b, st in best.items():
-        model = ft.models[(b, st, seed0)]
-        for r in core.progress(scored, desc=f"occlusion {b}"):
-            occ, sc = occlusion_case(model, data, r, prof, device=device)
-            if r == case:
-                maps[f"{b} · {st}"] = occ.sensitivity
-            if sc is not None:
-                loc_rows.append({"backbone": b, "setup": st, "subject_id": t["subject_id"].iloc[r],
-                                 "forward passes": occ.forward_passes, **sc})
+    # scored cases: the first `occlusion_cases` test relapses by id, the figure's case first
+    scored = [case] + [r for r in relapse_rows if r != case][: max(prof.occlusion_cases - 1, 0)]
+    shares = ft.summary.set_index(["backbone", "setup"])
+    loc_rows, sum_rows, maps = [], [], {}
+    for b in BACKBONES:
+        for st in SETUPS:
+            model = ft.models[(b, st, seed0)]
+            n_scored, constant = 0, False
+            for r in core.progress(scored, desc=f"occlusion {b} · {st}"):
+                occ, sc = occlusion_case(model, data, r, prof, device=device)
+                if r == case:
+                    maps[(b, st)] = occ.sensitivity
+                if occ.sensitivity.max() < CONSTANT_MAP_TOL:
+                    constant = True  # the image does not move the output: nothing to localise
+                    break
+                if sc is not None:
+                    n_scored += 1
+                    loc_rows.append({"backbone": b, "setup": st, "subject_id": t["subject_id"].iloc[r],
+                                     "forward passes": occ.forward_passes, **sc})
+            sum_rows.append({"backbone": b, "setup": st, "vision share": float(shares.loc[(b, st), "vision"]),
+                             "note": "image branch constant: the map is round-off" if constant else ""})
     localisation = pd.DataFrame(loc_rows)
+    summary = pd.DataFrame(sum_rows)
     if len(localisation):
-        summary = localisation.groupby(["backbone", "setup"], sort=False).agg(
+        loc = localisation.assign(above=lambda d: d["mass_inside"] > d["chance_p95"])
+        agg = loc.groupby(["backbone", "setup"], sort=False).agg(
             cases=("subject_id", "size"), mass_on_plaque=("mass_inside", "mean"), chance=("chance_mean", "mean"),
-            ratio_to_chance=("ratio", "mean"), above_chance_p95=("chance_p95", lambda x: np.nan),
-            pointing_game=("pointing_game", "mean")).reset_index()
-        summary["above_chance_p95"] = localisation.assign(
-            above=lambda d: d["mass_inside"] > d["chance_p95"]).groupby(["backbone", "setup"], sort=False)["above"].mean().to_numpy()
-    else:
+            ratio_to_chance=("ratio", "mean"), above_chance_p95=("above", "mean"),
+            median_rank_percentile=("rank_percentile", "median"), pointing_game=("pointing_game", "mean")).reset_index()
+        summary = summary.merge(agg, on=["backbone", "setup"], how="left")
+        summary["cases"] = summary["cases"].fillna(0).astype(int)
+        summary = summary[["backbone", "setup", "vision share", "cases", "mass_on_plaque", "chance", "ratio_to_chance",
+                           "above_chance_p95", "median_rank_percentile", "pointing_game", "note"]]
+    elif data.masks is None:
         summary = pd.DataFrame({"note": ["this cohort has no plaque masks: localisation not scored"]})
+    # the figure: the best model per backbone (as the paper), and the best-localising setup if another
+    shown = [(b, st) for b, st in best.items()]
+    if "ratio_to_chance" in summary and summary["ratio_to_chance"].notna().any():
+        top = summary.loc[summary["ratio_to_chance"].idxmax()]
+        if (top["backbone"], top["setup"]) not in shown:
+            shown.append((top["backbone"], top["setup"]))
+    maps = {f"{b} · {st}": maps[(b, st)] for b, st in shown}
     vol = data.images[case, 0].float().numpy()
     mask = data.masks[case].numpy() > 0 if data.masks is not None else None
     if mask is not None and mask.any():
