@@ -124,6 +124,12 @@ plt.show()
 # Figure 3 counts the trainable parameters: the progressive schedule releases the last encoder
 # stage, then the second-last, then the third-last, at the profile's `unfreeze_epochs` (the
 # paper: 50, 100, 150 of 250; `quick`: 5, 10, 15 of 25).
+#
+# One choice is ours. The ViTMLP head ends in "InstanceNorm + GELU → pool", and the paper does
+# not say which pool. Instance normalisation gives every channel zero mean and unit variance
+# over space. The spatial *average* after it therefore hardly depends on the patient, and in an
+# earlier run every ViTMLP setup ended with an image branch that gave the same output for all
+# patients. We use global *max* pooling (`ViTMLP(pool="avg")` builds the literal reading).
 
 # %%
 fig, schedules = p2.schedule_figure(prof)
@@ -183,10 +189,11 @@ if len(prof.finetune_seeds) > 1:
 
 # %% [markdown]
 # ## 5 · Occlusion sensitivity for one relapse case (Figure 5, Table 4)
-# As in the paper's appendix, we take the best ResNetMLP and the best ViTMLP by test AUC. Each
-# patch of the CTA is set to zero in turn, and the map shows how much the predicted RFS moves.
-# The case is the first test relapse (by subject id) that both models call a relapse; if none
-# is, it is the first test relapse. The planted plaque is outlined in cyan.
+# As in the paper's appendix, the figure shows the best ResNetMLP and the best ViTMLP by test
+# AUC. If another setup localises the plaque better (section 6), its map is added as a third
+# row. Each patch of the CTA is set to zero in turn, and the map shows how much the predicted
+# RFS moves. The case is the first test relapse (by subject id) that both best models call a
+# relapse; if there is none, it is the first test relapse. The planted plaque is outlined in cyan.
 
 # %%
 with run.stage("occlusion"):
@@ -199,10 +206,13 @@ occ.table4
 
 # %% [markdown]
 # ## 6 · Scored against the planted truth
-# **Where.** We know where the plaque is. For each test relapse case, we measure what share of
-# the map's mass falls in the patches that touch the plaque. We compare it with the same map
-# shuffled over the patches (the chance level), and we record whether the map's maximum lies on
-# the plaque (the pointing game).
+# **Where.** We know where the plaque is. We compute an occlusion map for every setup on the
+# first test relapses (the profile's `occlusion_cases`). For each map we measure the share of its
+# mass in the patches that touch the plaque, and compare it with the same map shuffled over the
+# patches (the chance level; `above_chance_p95` is the share of cases above the shuffles' 95th
+# percentile). We also record where the plaque patch ranks among all patches, and whether the
+# map's maximum lies on it (the pointing game). A setup whose image branch gives the same output
+# for every patient has no map worth scoring, and its row says so.
 #
 # **How much.** We also know how the planted log hazard divides between the image term (plaque
 # severity) and each attribute. This gives the share each input holds in the variance of the
@@ -214,6 +224,7 @@ occ.table4
 run.table(occ.localisation, "plaque_localisation", caption="Occlusion mass on the planted plaque vs shuffled maps, pointing game, per model and case")
 display(occ.localisation_summary)
 run.table(occ.localisation_summary, "plaque_localisation_summary", caption="Plaque localisation per model: mean over the scored relapse cases")
+print(p2.localisation_verdict(occ.localisation_summary))
 truth_vs_run = p2.truth_comparison(data, table3)
 if truth_vs_run is not None:
     run.table(truth_vs_run, "planted_vs_measured_contribution", caption="Planted share of the log-hazard variance vs measured modality contribution (%)")

@@ -152,3 +152,10 @@ def test_occlusion_study_scores_every_setup_and_flags_a_constant_image_branch():
     # Table 4 rows: scratch and best (highest test AUC = pretrained progressive) per backbone, plus the paper's
     t4 = occ.table4[occ.table4["source"] == "this run"]
     assert set(t4["setup"]) == {"from scratch", "pretrained progressive"}
+    # the verdict names every scored setup, best ratio first, and the constant one as not scored
+    verdict = p2.localisation_verdict(occ.localisation_summary).splitlines()
+    best = live["ratio_to_chance"].idxmax()
+    assert verdict[1].startswith(f"- {best[0]} · {best[1]} ")
+    assert f"{live.loc[best, 'ratio_to_chance']:.1f}x chance" in verdict[1]
+    assert verdict[-1] == "- ViTMLP · from scratch: not scored (image branch constant: the map is round-off)"
+    assert len(verdict) == 1 + len(s)
