@@ -10,6 +10,8 @@
   builds each batch with one vectorised mask instead of a Python loop per copy.
 - :func:`localisation_scores`: how much of a map's mass falls where the truth says the signal
   is, against what a random map gives, and the pointing game.
+- :func:`grad_cam`: Grad-CAM of one sample at any layer (P1: the last ResNet stage of a 3D
+  volume), upsampled to the input grid; equal to captum's ``LayerGradCam`` + interpolation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 
 from mmlib import core
 
-__all__ = ["OcclusionMap", "localisation_scores", "modality_contribution", "occlusion_map", "patch_grid"]
+__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "localisation_scores", "modality_contribution", "occlusion_map",
+           "patch_grid"]
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -279,3 +282,150 @@ def localisation_scores(
         "pointing_game": bool(region[int(np.argmax(cells))]),
         "rank_percentile": rank,
     }
+
+
+# --------------------------------------------------------------------------- Grad-CAM (P1)
+
+
+@dataclass
+class GradCamMap:
+    """Result of :func:`grad_cam` for one sample.
+
+    Attributes:
+        cam: Grad-CAM on the input grid (X, Y, Z), float32, >= 0: ``layer_cam`` upsampled
+            trilinearly (``align_corners=False``) to the spatial size of ``inputs[key]``; equal to
+            ``layer_cam`` when ``upsample=False``. Not normalised (MONAI min-max scales its map,
+            captum does not).
+        layer_cam: ``ReLU(sum_c w_c A_c)`` on the layer's grid, float32, >= 0.
+        score: the explained output (the scalar whose gradient was taken).
+        target: the class column explained (None for a (B,) output).
+        weights: the per-channel weights ``w_c`` (C,): gradients averaged over space.
+    """
+
+    cam: np.ndarray
+    layer_cam: np.ndarray
+    score: float
+    target: int | None
+    weights: np.ndarray
+
+
+def _interpolate_mode(ndim: int) -> str:
+    modes = {1: "linear", 2: "bilinear", 3: "trilinear"}
+    if ndim not in modes:
+        raise ValueError(f"grad_cam supports 1-3 spatial dimensions, got {ndim}")
+    return modes[ndim]
+
+
+def grad_cam(
+    forward: Forward,
+    layer: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    target: int | None = None,
+    key: str = "image",
+    upsample: bool = True,
+    model: torch.nn.Module | None = None,
+) -> GradCamMap:
+    """Grad-CAM (Selvaraju et al. 2017) of one sample at ``layer`` (P1: the last ResNet stage).
+
+    A forward hook on ``layer`` captures its output ``A`` (1, C, *S) and hands a copy on to the
+    rest of the network, so in-place operations after the layer cannot change the captured
+    activations; the gradient of the explained output with respect to ``A`` is taken with
+    :func:`torch.autograd.grad` (parameters' ``.grad`` are left untouched). Then
+    ``w_c = mean over S of dy/dA_c`` and ``layer_cam = ReLU(sum_c w_c A_c)``, upsampled to
+    the input's spatial size. This is captum's ``LayerGradCam(relu_attributions=True)`` and
+    MONAI's ``GradCAM`` before its min-max scaling. The hook is removed afterwards, also on error.
+
+    Only batch size 1 is supported (a (1, C, X, Y, Z) volume): one call explains one sample.
+
+    Args:
+        forward: ``forward(batch) -> (B,) or (B, K)`` model output (e.g.
+            ``lambda b: model(b)["logits"]``).
+        layer: the module whose output is explained (a conv stage; its output must be a
+            tensor of shape (1, C, *spatial)).
+        inputs: one sample's batch dict; ``inputs[key]`` of shape (1, C, X, Y, Z).
+        target: class column of a (B, K) output; None for a (B,) output (or (B, 1)).
+        key: the volume the map is upsampled to.
+        upsample: interpolate to the input grid (else ``cam`` is the layer-grid map).
+        model: the model to put in eval mode during the call (dropout off, batch-norm running
+            statistics); each submodule's train/eval flag is restored afterwards. When
+            ``forward`` is itself an ``nn.Module`` it is used if ``model`` is None. Without
+            either, the caller is responsible for eval mode.
+
+    Returns:
+        :class:`GradCamMap`.
+    """
+    if key not in inputs:
+        raise KeyError(f"grad_cam explains inputs[{key!r}], which the batch lacks ({sorted(inputs)})")
+    x = inputs[key]
+    if not torch.is_tensor(x) or x.ndim < 3 or x.shape[0] != 1:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"grad_cam explains one sample: inputs[{key!r}] must be (1, C, *spatial), got {shape}")
+    if model is None and isinstance(forward, torch.nn.Module):
+        model = forward
+    batch = dict(inputs)
+    if x.is_floating_point():
+        # so the graph reaches the layer even when every parameter before it is frozen
+        batch[key] = x.detach().clone().requires_grad_(True)
+
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inp, out):
+        if not torch.is_tensor(out):
+            raise TypeError(f"grad_cam needs a layer whose output is a tensor, got {type(out).__name__}")
+        captured.append(out)
+        return out.clone()
+
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    handle = layer.register_forward_hook(hook)
+    try:
+        if model is not None:
+            model.eval()
+        with torch.enable_grad():
+            y = forward(batch)
+            if not torch.is_tensor(y):
+                raise TypeError(f"forward must return a tensor, got {type(y).__name__}")
+            if y.shape[0] != 1:
+                raise ValueError(f"forward returned batch size {y.shape[0]} for one sample")
+            if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1 and target is None):
+                if target not in (None, 0):
+                    raise ValueError(f"target={target} given for a single-output model (output shape {tuple(y.shape)})")
+                score = y.reshape(-1)[0]
+            elif y.ndim == 2:
+                if target is None:
+                    raise ValueError(f"forward returns {y.shape[1]} columns: pass target= to pick one")
+                if not -y.shape[1] <= target < y.shape[1]:
+                    raise IndexError(f"target {target} out of range for {y.shape[1]} columns")
+                score = y[0, target]
+            else:
+                raise ValueError(f"forward must return (B,) or (B, K), got {tuple(y.shape)}")
+            if not captured:
+                raise RuntimeError("the layer was not called by forward: is it part of the model?")
+            act = captured[-1]
+            if act.ndim < 3 or act.shape[0] != 1:
+                raise ValueError(f"the layer's output must be (1, C, *spatial), got {tuple(act.shape)}")
+            if not act.requires_grad:
+                raise RuntimeError("the layer's output does not require grad: nothing to differentiate")
+            (grad,) = torch.autograd.grad(score, act, allow_unused=False)
+    finally:
+        handle.remove()
+        for m, was_training in modes:
+            m.train(was_training)
+    with torch.no_grad():
+        act, grad = act.detach().float(), grad.detach().float()
+        spatial_dims = tuple(range(2, act.ndim))
+        w = grad.mean(dim=spatial_dims, keepdim=True)
+        lcam = torch.relu((w * act).sum(dim=1, keepdim=True))
+        if upsample:
+            size = tuple(x.shape[2:])
+            if len(size) != lcam.ndim - 2:
+                raise ValueError(f"layer output {tuple(act.shape)} and input {tuple(x.shape)} differ in spatial dims")
+            mode = _interpolate_mode(len(size))
+            cam = torch.nn.functional.interpolate(lcam, size=size, mode=mode, align_corners=False)
+            cam = cam.clamp_min(0)
+        else:
+            cam = lcam
+    return GradCamMap(cam=cam[0, 0].cpu().numpy().astype(np.float32),
+                      layer_cam=lcam[0, 0].cpu().numpy().astype(np.float32),
+                      score=float(score.detach()), target=target,
+                      weights=w.reshape(-1).cpu().numpy().astype(np.float32))

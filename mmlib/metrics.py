@@ -8,7 +8,7 @@ import numpy as np
 
 from mmlib import core
 
-__all__ = ["bootstrap_ci", "concordance_index"]
+__all__ = ["balanced_accuracy_at", "bootstrap_ci", "concordance_index", "retrieval_recall", "youden_threshold"]
 
 
 def concordance_index(event: np.ndarray, time: np.ndarray, risk: np.ndarray) -> float:
@@ -81,3 +81,115 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     lower, upper = np.quantile(values, [alpha, 1 - alpha])
     return estimate, float(lower), float(upper)
+
+
+# --------------------------------------------------------------------------- thresholds (P1)
+
+
+def _binary_inputs(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    s = np.asarray(score, dtype=float)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"y_true and score must be 1-D of one length, got {y.shape} and {s.shape}")
+    if not np.isin(y, [0, 1]).all():
+        raise ValueError(f"y_true must be binary 0/1 (or bool), got values {np.unique(y)[:5]}")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("y_true needs both classes (sensitivity and specificity are both required)")
+    if not np.isfinite(s).all():
+        raise ValueError("score contains NaN or infinite values")
+    return y, s
+
+
+def youden_threshold(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Threshold maximising Youden's J = TPR - FPR, with positive = ``score >= threshold``.
+
+    Candidates are the thresholds of :func:`sklearn.metrics.roc_curve` (every distinct score,
+    ``drop_intermediate=False``, plus ``inf``, where nothing is called positive). Choose it on
+    validation data and apply it to test data with :func:`balanced_accuracy_at` (P1).
+
+    Tie rule: among thresholds with the same maximal J, the highest is returned (the fewest
+    positive calls, i.e. the most specific operating point). So a scorer no better than chance
+    anywhere (max J = 0, reached at ``inf``) gives ``inf``: everything is called negative.
+
+    Args:
+        y_true: (N,) binary labels, both classes present.
+        score: (N,) scores, higher = more likely positive.
+
+    Returns:
+        The threshold: one of the observed scores (or ``inf``).
+    """
+    from sklearn.metrics import roc_curve
+
+    y, s = _binary_inputs(y_true, score)
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    # J compared exactly in integer counts: J * P * N = TP * N - FP * P (floats would break
+    # ties such as 2/3 - 0 vs 1 - 1/3 by rounding)
+    tp, fp = np.rint(tpr * n_pos).astype(np.int64), np.rint(fpr * n_neg).astype(np.int64)
+    j = tp * n_neg - fp * n_pos
+    # roc_curve lists thresholds in decreasing order, so the first maximiser is the highest.
+    best = int(np.flatnonzero(j == j.max())[0])
+    return float(thr[best])
+
+
+def balanced_accuracy_at(y_true: np.ndarray, score: np.ndarray, threshold: float) -> float:
+    """Balanced accuracy (sensitivity + specificity) / 2 with positive = ``score >= threshold``.
+
+    The threshold is an argument, not fitted here, so choosing it on one split (e.g.
+    :func:`youden_threshold` on validation) and scoring another cannot leak.
+
+    Args:
+        y_true: (N,) binary labels, both classes present.
+        score: (N,) scores.
+        threshold: decision threshold (``inf`` calls everything negative).
+    """
+    y, s = _binary_inputs(y_true, score)
+    if np.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    pred = s >= threshold
+    sensitivity = pred[y].mean()
+    specificity = (~pred[~y]).mean()
+    return float((sensitivity + specificity) / 2)
+
+
+# --------------------------------------------------------------------------- retrieval (P1, P3)
+
+
+def retrieval_recall(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Recall@k of cross-modal retrieval where row i's correct match is column i.
+
+    The rank of row i's correct item is the number of other columns whose similarity is
+    ``>=`` the correct one's (0 = retrieved first); recall@k is the share of rows with rank
+    ``< k``. Tie rule (pessimistic): every other column tied with the correct one ranks above
+    it, so a constant similarity gives recall 0 for every k < N. Rows are queries: pass
+    ``similarity.T`` for the other direction (e.g. table -> image).
+
+    Args:
+        similarity: (N, N) scores, e.g. cosine similarity of image (rows) and table (columns)
+            embeddings; a torch tensor is accepted.
+        ks: cut-offs, each in 1..N.
+
+    Returns:
+        ``{"R@k": recall, "chance@k": k / N}`` for every k (the chance level of a random
+        ranking).
+    """
+    if hasattr(similarity, "detach"):
+        similarity = similarity.detach().cpu().numpy()
+    sim = np.asarray(similarity, dtype=float)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty square (N, N) matrix, got {sim.shape}")
+    if np.isnan(sim).any():
+        raise ValueError("similarity contains NaN")
+    n = sim.shape[0]
+    ks = tuple(int(k) for k in ks)
+    if not ks or any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"every k must lie in 1..N={n}, got {ks}")
+    correct = np.diag(sim)[:, None]
+    rank = (sim >= correct).sum(axis=1) - 1  # the correct column itself always counts once
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"R@{k}"] = float((rank < k).mean())
+    for k in ks:
+        out[f"chance@{k}"] = k / n
+    return out
