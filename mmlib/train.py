@@ -334,12 +334,16 @@ def fit(
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
     desc: str = "train",
+    lr_factor: Callable[[int], float] | None = None,
 ) -> pd.DataFrame:
     """Train ``model`` for ``epochs``; returns one row per epoch.
 
     Args:
         model: the network (moved to ``device``).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; the batch is already on ``device``.
+            It may instead return a dict with the scalar ``"loss"`` to optimise and further
+            scalar terms (e.g. ``{"loss": ..., "itc": ..., "itm": ...}``): each term's epoch mean
+            is logged as ``train_<term>`` / ``val_<term>``.
         train_batches: ``train_batches(epoch)`` yields the epoch's batches (shuffle with a
             generator seeded by the epoch, so a resumed run sees the same batches).
         epochs: total epochs.
@@ -356,9 +360,13 @@ def fit(
             torch-drawn augmentation depend on (seed, epoch) only, so resuming is exact.
         meta: JSON-able description stored in the checkpoints (architecture, setup, ...).
         desc: progress-bar label.
+        lr_factor: ``lr_factor(epoch)`` multiplies each parameter group's initial learning rate
+            for that epoch (warmup, cosine decay, ...); a function of the epoch alone, so a
+            resumed run follows the same schedule. The epoch's rate is logged as ``lr``.
 
     Returns:
-        DataFrame with ``epoch``, ``train_loss``, ``val_loss``, ``trainable``, ``seconds``, ``best``.
+        DataFrame with ``epoch``, ``train_loss``, ``val_loss``, ``trainable``, ``seconds``, ``best``
+        (plus ``lr`` with ``lr_factor`` and the extra loss terms of a dict-returning ``loss_fn``).
     """
     device = torch.device(device)
     model.to(device)
@@ -380,39 +388,56 @@ def fit(
             log.info("%s: resumed after epoch %d from %s", desc, start - 1, stem.with_name(stem.name + ".last"))
         else:
             log.info("%s: %s.last has other settings; starting afresh", desc, stem)
+    base_lr = [g["lr"] for g in optimizer.param_groups]
     bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start)
     for epoch in bar:
         t0 = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)
         n_trainable = apply_freeze(model, schedule, epoch, train=True)
-        total, count = 0.0, 0
+        if lr_factor is not None:
+            for g, lr0 in zip(optimizer.param_groups, base_lr):
+                g["lr"] = lr0 * float(lr_factor(epoch))
+        sums: dict[str, float] = {}
+        count = 0
         for batch in train_batches(epoch):
             batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             with core.autocast(device, precision):
-                loss = loss_fn(model, batch)
+                loss, terms = _loss_terms(loss_fn(model, batch))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * _batch_size(batch)
-            count += _batch_size(batch)
-        train_loss = total / max(count, 1)
-        val_loss = None
+            n = _batch_size(batch)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            count += n
+        train = {k: v / max(count, 1) for k, v in sums.items()}
+        val: dict[str, float] = {}
         if val_batches is not None:
             apply_freeze(model, schedule, epoch, train=False)
-            vt, vc = 0.0, 0
+            vsums: dict[str, float] = {}
+            vc = 0
             with torch.no_grad(), core.autocast(device, precision):
                 for batch in val_batches():
                     batch = to_device(batch, device)
-                    vt += float(loss_fn(model, batch)) * _batch_size(batch)
-                    vc += _batch_size(batch)
-            val_loss = vt / max(vc, 1)
+                    _, terms = _loss_terms(loss_fn(model, batch))
+                    n = _batch_size(batch)
+                    for k, v in terms.items():
+                        vsums[k] = vsums.get(k, 0.0) + v * n
+                    vc += n
+            val = {k: v / max(vc, 1) for k, v in vsums.items()}
+        train_loss, val_loss = train.get("loss", math.nan), val.get("loss")
         score = val_loss if val_loss is not None else (0.0 if epoch == epochs - 1 else math.inf)
         is_best = score < best
         best = min(best, score)
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
-                     "seconds": round(time.perf_counter() - t0, 3), "best": is_best})
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
+               "seconds": round(time.perf_counter() - t0, 3), "best": is_best}
+        if lr_factor is not None:
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        row.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
+        row.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
+        rows.append(row)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
         if stem is not None:
@@ -422,6 +447,15 @@ def fit(
                             meta=dict(meta, epoch=epoch, history=rows))
     model.eval()
     return pd.DataFrame(rows)
+
+
+def _loss_terms(out: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(loss to optimise, {term: float})`` from a loss function's scalar or dict result."""
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise KeyError(f"a loss_fn returning a dict must include 'loss'; got keys {sorted(out)}")
+        return out["loss"], {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+    return out, {"loss": float(out.detach())}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -72,6 +72,7 @@ def orthogonal_slices(
     contour: np.ndarray | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     title: str = "",
+    volume_label: str = "image",
 ) -> plt.Figure:
     """Axial, coronal and sagittal slices through ``point`` (RAS voxel grid): the volume, then each map over it.
 
@@ -81,12 +82,14 @@ def orthogonal_slices(
         point: voxel (i, j, k) the slices pass through.
         contour: (X, Y, Z) binary mask outlined in every panel (e.g. the planted plaque).
         spacing: voxel size, for the aspect ratio.
+        title: figure title.
+        volume_label: row label of the plain volume (e.g. ``"CTA"``, ``"FLAIR"``).
     """
     i, j, k = (int(p) for p in point)
     sx, sy, sz = spacing
     views = [  # (name, slicer, aspect): images shown with superior / anterior up
         ("axial (from above)", lambda v: v[:, :, k].T, sy / sx),
-        ("coronal (from the front)", lambda v: v[:, j, :].T, sz / sx),
+        ("coronal (from behind)", lambda v: v[:, j, :].T, sz / sx),  # subject's right on the right
         ("sagittal (from the left)", lambda v: v[i, :, :].T, sz / sy),
     ]
     rows = 1 + len(maps)
@@ -102,7 +105,7 @@ def orthogonal_slices(
                 if c == 0:
                     ax.set_ylabel(label, fontsize=8)
             elif c == 0:
-                ax.set_ylabel("CTA", fontsize=8)
+                ax.set_ylabel(volume_label, fontsize=8)
             if contour is not None and cut(contour).any():
                 ax.contour(cut(contour).astype(float), levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
             ax.set_xticks([])

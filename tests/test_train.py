@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -223,6 +224,32 @@ def test_fit_raises_on_nan_loss():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FloatingPointError, match="epoch 0"):
         fit(model, loss_fn=nan_loss, train_batches=lambda e: _data(1), epochs=2, optimizer=opt)
+
+
+def test_fit_logs_every_term_of_a_dict_loss_and_follows_the_lr_factor():
+    model = _resnet()
+    seen = []
+
+    def two_terms(m, batch):
+        a = _mse(m, batch)
+        b = m(batch)["rfs"].abs().mean()
+        return {"loss": 0.5 * (a + b), "mse": a, "abs": b}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def factor(epoch):
+        seen.append(opt.param_groups[0]["lr"])
+        return [0.5, 1.0, 0.25][epoch]
+
+    hist = fit(model, loss_fn=two_terms, train_batches=lambda e: _data(2, seed=e), val_batches=lambda: _data(1, seed=9),
+               epochs=3, optimizer=opt, lr_factor=factor)
+    assert list(hist["lr"]) == pytest.approx([0.05, 0.1, 0.025])  # factor times the initial rate, not compounded
+    assert {"train_mse", "train_abs", "val_mse", "val_abs"} <= set(hist.columns)
+    # the optimised loss is the dict's "loss": its epoch mean is the mean of the two terms' means
+    np.testing.assert_allclose(hist["train_loss"], 0.5 * (hist["train_mse"] + hist["train_abs"]), rtol=1e-5)
+    np.testing.assert_allclose(hist["val_loss"], 0.5 * (hist["val_mse"] + hist["val_abs"]), rtol=1e-5)
+    with pytest.raises(KeyError, match="'loss'"):
+        fit(model, loss_fn=lambda m, b: {"mse": _mse(m, b)}, train_batches=lambda e: _data(1), epochs=1, optimizer=opt)
 
 
 # --------------------------------------------------------------------------- resume

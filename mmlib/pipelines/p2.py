@@ -896,7 +896,8 @@ def occlusion_study(ft: FineTuned, data: P2Data, prof: P2Profile, *, device: tor
         first = next(iter(maps.values()))
         point = [int(i) for i in np.unravel_index(np.argmax(first), first.shape)]
     fig = viz.orthogonal_slices(vol, maps, point=point, contour=mask, spacing=data.spacing_mm,
-                                title=f"Occlusion sensitivity, {sid} (mask {list(prof.occlusion_mask)} voxels)")
+                                title=f"Occlusion sensitivity, {sid} (mask {list(prof.occlusion_mask)} voxels)",
+                                volume_label="CTA")
     # Table 4: per-case contribution of the scratch and best models, as in the paper
     rows = []
     for b in BACKBONES:

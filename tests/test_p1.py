@@ -1,0 +1,156 @@
+"""P1 pipeline pieces that the notebook's smoke run does not pin down by value."""
+
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmlib.data.manifest import Column, Manifest
+from mmlib.pipelines import p1
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cohort(**override):
+    cols = [Column(name="age", dtype="float"), Column(name="sex", dtype="category", categories=["female", "male"]),
+            Column(name="diabetes", dtype="bool", nullable=True), Column(name="sbp", dtype="float", nullable=True),
+            Column(name="split", dtype="category", categories=["pretrain", "train", "val", "test"]),
+            Column(name="stroke", dtype="int", nullable=True)]
+    m = Manifest(name="toy", columns=cols, labels=["stroke"], split_column="split")
+    t = pd.DataFrame({"subject_id": ["a", "b", "c", "d"], "age": [50.0, 60.0, 70.0, 100.0],
+                      "sex": ["male", "female", None, "male"], "diabetes": [True, None, False, True],
+                      "sbp": [120.0, np.nan, 140.0, 200.0], "split": ["pretrain", "train", "train", "test"],
+                      "stroke": [np.nan, 0, 1, 1]})
+    t = t.assign(**override)
+    return types.SimpleNamespace(manifest=m, subjects=t, root="/toy", name="toy")
+
+
+def test_encode_table_codes_missing_and_scales_on_the_fit_rows_only():
+    cat, cont, levels, fields = p1.encode_table(_cohort(), fit_rows=np.array([0, 1, 2]))
+    assert fields == {"categorical": ["sex", "diabetes"], "continuous": ["age", "sbp"]}  # no label, no split
+    assert levels == [2, 2]
+    np.testing.assert_array_equal(cat.numpy(), [[1, 1], [0, -1], [-1, 0], [1, 1]])
+    age = np.array([50.0, 60.0, 70.0])  # the test row (100) does not move the scaling
+    np.testing.assert_allclose(cont[:, 0].numpy(), (np.array([50, 60, 70, 100]) - age.mean()) / age.std(), rtol=1e-6)
+    assert torch.isnan(cont[1, 1]) and not torch.isnan(cont[[0, 2, 3], 1]).any()
+
+
+def test_encode_table_names_undeclared_categories():
+    with pytest.raises(ValueError, match=r"column 'sex': values \['x'\]"):
+        p1.encode_table(_cohort(sex=["male", "x", "female", "male"]), fit_rows=np.array([0]))
+
+
+def _data(n=12, prof=p1.PROFILES["smoke"]):
+    g = torch.Generator().manual_seed(0)
+    split = (["pretrain"] * 4 + ["train"] * 4 + ["val"] * 2 + ["test"] * 2)[:n]
+    label = [np.nan] * 4 + [0, 1] * 4
+    return p1.P1Data(table=pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": split, "label": label[:n]}),
+                     images=torch.rand(n, 1, *prof.spatial_size, generator=g).half(),
+                     categorical=torch.randint(-1, 3, (n, 2), generator=g), continuous=torch.randn(n, 3, generator=g),
+                     n_categories=[3, 3], fields={"categorical": ["a", "b"], "continuous": ["c", "d", "e"]},
+                     truth=None, spacing_mm=prof.spacing_mm)
+
+
+@pytest.mark.parametrize("heads", ["image", "tabular", "concat", "image+tabular", "ensemble"])
+def test_classifier_heads_use_exactly_their_modalities(heads):
+    prof = p1.PROFILES["smoke"]
+    data = _data()
+    torch.manual_seed(0)
+    model = p1.P1Classifier(p1.build_clip(data, prof), heads).eval()
+    b = data.batch([0, 1, 2])
+    with torch.no_grad():
+        ref = model(b)["logits"]
+        new_image = model(dict(b, image=torch.rand_like(b["image"])))["logits"]
+        new_table = model(dict(b, continuous=b["continuous"] + 3.0))["logits"]
+    assert ref.shape == (3, 2)
+    assert torch.allclose(ref, new_image) == (heads == "tabular")
+    assert torch.allclose(ref, new_table) == (heads == "image")
+
+
+@pytest.mark.parametrize("objective,trained,untouched", [
+    ("simclr", "image_encoder", "tabular_encoder"),
+    ("scarf", "tabular_encoder", "image_encoder"),
+    ("clip", "image_encoder", "interaction"),
+    ("clip_itm", "interaction", None),
+    ("clip_itm_random", "interaction", None),
+])
+def test_each_objective_trains_what_it_should(objective, trained, untouched):
+    prof = p1.PROFILES["smoke"]
+    data = _data()
+    torch.manual_seed(0)
+    corr = p1.TabularCorruption(0.3).fit(data.categorical, data.continuous)
+    model = p1.Pretrainer(p1.build_clip(data, prof), objective, prof, corr).train()
+    out = model(data.batch(range(8)))
+    assert torch.isfinite(out["loss"])
+    if objective.startswith("clip_itm"):
+        assert out["loss"].item() == pytest.approx(0.5 * (out["itc"] + out["itm"]).item(), rel=1e-6)
+    out["loss"].backward()
+
+    def has_grad(prefix):
+        ps = [p for n, p in model.clip.named_parameters() if n.startswith(prefix)]
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
+
+    assert has_grad(trained)
+    if untouched:
+        assert not has_grad(untouched)
+
+
+def _fake_ft(aucs, bas):
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    evals = {}
+    for m in p1.ALL_METHODS:
+        p = np.clip(y * aucs[m] + rng.uniform(0, 1, 20) * 0.5, 0, 1)
+        evals[m] = {"test AUC": (aucs[m], aucs[m] - 0.1, aucs[m] + 0.1),
+                    "test balanced accuracy": (bas[m], bas[m] - 0.1, bas[m] + 0.1),
+                    "threshold": 0.5, "p_test": p, "y_test": y, "val AUC": 0.7}
+    return p1.FineTuned(models={}, history=pd.DataFrame(), evals=evals)
+
+
+def test_relative_gains_use_the_best_baseline_of_each_group():
+    aucs = dict.fromkeys(p1.ALL_METHODS, 0.6) | {"SimCLR image": 0.70, "SCARF tabular": 0.75, p1.PAPER: 0.80}
+    bas = dict.fromkeys(p1.ALL_METHODS, 0.6) | {"SCARF tabular": 0.50, "supervised multimodal (concat)": 0.64,
+                                                p1.PAPER: 0.72}
+    rows = p1.relative_gains(_fake_ft(aucs, bas))
+    auc_row = rows[(rows["metric"] == "ROC-AUC")].iloc[0]
+    assert auc_row["this run gain %"] == pytest.approx(100 * (0.80 - 0.75) / 0.75, abs=0.05)
+    assert auc_row["baseline in this run"].startswith("SCARF tabular")
+    ba_ssl, ba_sup = rows[rows["metric"] == "balanced accuracy"].iloc[0], rows[rows["metric"] == "balanced accuracy"].iloc[1]
+    assert ba_ssl["baseline in this run"].startswith("SimCLR image")  # 0.6 beats SCARF's 0.5
+    assert ba_ssl["this run gain %"] == pytest.approx(20.0, abs=0.05)
+    assert ba_sup["this run gain %"] == pytest.approx(100 * (0.72 - 0.64) / 0.64, abs=0.05)
+    assert list(rows["paper reported gain %"]) == [2.1, 10.6, 7.6]
+
+
+def test_claims_follow_the_numbers():
+    prof = p1.PROFILES["smoke"]
+    aucs = dict.fromkeys(p1.ALL_METHODS, 0.6) | {p1.PAPER: 0.8}
+    bas = dict.fromkeys(p1.ALL_METHODS, 0.6) | {p1.PAPER: 0.5}
+    retrieval = pd.DataFrame({"model": [p1.PAPER, "MMCL (CLIP, no ITM)"], "image→table mean rank": [9.0, 7.5],
+                              "chance mean rank": [10.5, 10.5], "permutation p": [0.2, 0.04]})
+    held = p1.claims_table(_fake_ft(aucs, bas), retrieval, prof).set_index("claim")["held"]
+    assert held["CLIP + ITM beats the best self-supervised unimodal model in ROC-AUC"] == "yes"
+    assert held["CLIP + ITM beats the best supervised multimodal model in balanced accuracy"] == "no"
+    assert held["ITM improves image-table alignment (test retrieval: mean rank of a subject's own table)"] == "no"
+    assert held["hard ITM negatives beat random ones (test ROC-AUC)"] == "yes"
+
+
+def test_rank_test_separates_aligned_from_shuffled_embeddings():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(30, 8))
+    aligned = p1._rank_test(z @ (z + 0.3 * rng.normal(size=z.shape)).T)
+    assert aligned["image→table mean rank"] < 2 and aligned["permutation p"] < 0.01
+    assert aligned["chance mean rank"] == 15.5
+    ps = [p1._rank_test(z @ rng.normal(size=z.shape).T, n_perm=200, seed=s)["permutation p"] for s in range(20)]
+    assert 0.2 < np.mean(ps) < 0.8  # unrelated embeddings: p roughly uniform
+
+
+def test_itm_check_compares_with_always_mismatch():
+    h = pd.DataFrame({"objective": ["clip", "clip_itm", "clip_itm", "clip_itm_random", "clip_itm_random"],
+                      "epoch": [0, 0, 1, 0, 1], "val_itm_accuracy": [np.nan, 0.9, 2 / 3, 0.6, 0.8]})
+    out = p1.itm_check(h).set_index("objective")
+    assert list(out.index) == ["clip_itm", "clip_itm_random"]  # last epoch of each ITM objective
+    assert out.loc["clip_itm", "learnt to tell pairs apart"] == "no"  # 2/3 at the end: constant "mismatch"
+    assert out.loc["clip_itm_random", "learnt to tell pairs apart"] == "yes"
