@@ -67,6 +67,7 @@ class ResNetEncoder(nn.Module):
         layers: basic blocks per stage.
         conv1_kernel: kernel of the first convolution.
         conv1_stride: stride of the first convolution.
+        block: ``"basic"`` (ResNet18/34) or ``"bottleneck"`` (ResNet50+: 4 x widths[-1] output channels).
     """
 
     def __init__(
@@ -77,18 +78,23 @@ class ResNetEncoder(nn.Module):
         layers: Sequence[int] = (3, 4, 6, 3),
         conv1_kernel: int = 7,
         conv1_stride: int = 2,
+        block: str = "basic",
     ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
+        from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 
         if len(widths) != 4 or len(layers) != 4 or min(widths) <= 0 or min(layers) <= 0:
             raise ValueError(f"widths and layers need four positive ints each, got {widths!r}, {layers!r}")
+        blocks = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
+        if block not in blocks:
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         net = ResNet(
-            "basic", list(layers), list(widths), spatial_dims=3, n_input_channels=in_channels,
+            block, list(layers), list(widths), spatial_dims=3, n_input_channels=in_channels,
             conv1_t_size=conv1_kernel, conv1_t_stride=conv1_stride, feed_forward=False,
         )
         self.in_channels = in_channels
-        self.out_channels = int(widths[-1])
+        self.out_channels = int(widths[-1]) * blocks[block].expansion
         self.downsample = 2 * conv1_stride * 8  # conv1, max pool, stages 2-4
         self.conv1, self.bn1, self.act, self.maxpool = net.conv1, net.bn1, net.act, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -102,7 +108,7 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) -> feature map (B, widths[-1], X/32, Y/32, Z/32)."""
-        _check_input(x, self.in_channels, "ResNetEncoder")
+        _check_input(x, self.in_channels, type(self).__name__)
         x = self.maxpool(self.act(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

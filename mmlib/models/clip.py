@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from mmlib.models.autoencoders import ResNetEncoder
+
 __all__ = [
     "EnsembleClassifier",
     "ImageTabularCLIP",
@@ -54,7 +56,7 @@ def _check_2d(x: torch.Tensor, width: int, name: str, owner: str) -> None:
 # --------------------------------------------------------------------------- image encoder
 
 
-class ResNet3dEncoder(nn.Module):
+class ResNet3dEncoder(ResNetEncoder):
     """3D ResNet (MONAI ``ResNet``, bottleneck blocks, classifier removed) giving features and tokens.
 
     Default: ResNet-50, blocks 3-4-6-3, widths 64-128-256-512 (bottleneck expansion 4, so the
@@ -82,36 +84,16 @@ class ResNet3dEncoder(nn.Module):
         conv1_kernel: int = 7,
         conv1_stride: int = 2,
     ) -> None:
-        super().__init__()
-        from monai.networks.nets import ResNet
-        from monai.networks.nets.resnet import ResNetBottleneck
-
-        if len(widths) != 4 or len(layers) != 4 or min(widths) <= 0 or min(layers) <= 0:
-            raise ValueError(f"widths and layers need four positive ints each, got {widths!r}, {layers!r}")
-        net = ResNet(
-            "bottleneck", list(layers), list(widths), spatial_dims=3, n_input_channels=in_channels,
-            conv1_t_size=conv1_kernel, conv1_t_stride=conv1_stride, feed_forward=False,
-        )
-        self.in_channels = in_channels
-        self.out_features = int(widths[-1]) * ResNetBottleneck.expansion
-        self.downsample = 2 * conv1_stride * 8  # conv1, max pool, stages 2-4
-        self.conv1, self.bn1, self.act, self.maxpool = net.conv1, net.bn1, net.act, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        super().__init__(in_channels=in_channels, widths=widths, layers=layers, conv1_kernel=conv1_kernel,
+                         conv1_stride=conv1_stride, block="bottleneck")
+        self.out_features = self.out_channels
 
     @property
     def gradcam_layer(self) -> nn.Module:
         """The last stage, whose output (B, C, x, y, z) Grad-CAM weighs by its gradients."""
         return self.layer4
 
-    def stages(self) -> list[str]:
-        """Submodule prefixes in input-to-output order (``stem`` = conv1 + bn1), for freezing schedules."""
-        return ["stem", "layer1", "layer2", "layer3", "layer4"]
-
-    def stage_modules(self, stage: str) -> list[nn.Module]:
-        """The modules of a stage named by :meth:`stages`."""
-        return [self.conv1, self.bn1] if stage == "stem" else [getattr(self, stage)]
-
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Encode a volume.
 
         Args:
@@ -122,11 +104,7 @@ class ResNet3dEncoder(nn.Module):
             ``tokens``: (B, N, out_features), the last feature map flattened over space
             (N = x * y * z, row-major over the three spatial axes).
         """
-        if image.ndim != 5 or image.shape[1] != self.in_channels:
-            raise ValueError(f"ResNet3dEncoder expects image of shape (B, {self.in_channels}, X, Y, Z), "
-                             f"got {tuple(image.shape)}")
-        x = self.maxpool(self.act(self.bn1(self.conv1(image))))
-        fmap = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        fmap = super().forward(image)
         return {"features": fmap.mean(dim=(2, 3, 4)), "tokens": fmap.flatten(2).transpose(1, 2)}
 
 
