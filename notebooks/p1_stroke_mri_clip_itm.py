@@ -33,13 +33,14 @@
 # 3. **Fine-tuning and the comparison table**: three supervised baselines and every pretrained
 #    model, with ROC-AUC and balanced accuracy (threshold chosen on validation, not test).
 # 4. **Alignment**: cross-modal retrieval on the test set and UMAP of the embeddings.
-# 5. **Grad-CAM** on true-positive cases, scored against the lesions we planted.
+# 5. **Grad-CAM**, and a finer occlusion map, on true-positive cases, scored against the lesions
+#    we planted.
 # 6. **Claims**: which of the paper's claims held on this data.
 #
 # The default data are the generated `stroke_mri` cohort (`data_manifest/cohorts/stroke_mri.md`).
 # White-matter hyperintensities (WMH) in one region (the knob `lesion_region`) raise the stroke
 # risk, and ten clinical fields carry their own effects. The lesions' location is known, so
-# Grad-CAM can be scored.
+# the attribution maps can be scored.
 #
 # The `full` profile (the paper's ResNet-50 and epochs, 6000 subjects) is meant for one GPU. It
 # has not yet been timed on one.
