@@ -24,6 +24,16 @@ that each can also be trained alone (MMCL, the "CLIP without ITM" baseline, uses
     itc = clip_loss(z_img, z_tab)
     itm = itm_loss(fuse, image_tokens, tabular_features, itc["local_logits"])
     loss = (itc["loss"] + itm["loss"]) / 2
+
+Survival losses of P4 (time-to-event heads on fused CT + EHR features):
+
+- :func:`cox_ph_loss`: negative Cox partial log-likelihood of a batch of
+  log-hazard scores, Breslow or Efron handling of tied event times, computed with log-sum-exps
+  over risk sets sorted by time; a batch without events gives a graph-connected zero.
+- :func:`discrete_time_nll`: discrete-time alternative, the logistic-hazard (Nnet-survival /
+  LogisticHazard) negative log-likelihood over K intervals; a censoring in interval j survives j.
+- :func:`discretize_times`: times to interval indices for K+1 cut points, intervals
+  ``(c_j, c_{j+1}]``, out-of-range times clamped to the first or last interval.
 """
 
 from __future__ import annotations
@@ -35,7 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClipLoss", "ImageTabularMatchingLoss", "clip_logits", "sample_hard_negatives"]
+__all__ = [
+    "ClipLoss",
+    "ImageTabularMatchingLoss",
+    "clip_logits",
+    "cox_ph_loss",
+    "discrete_time_nll",
+    "discretize_times",
+    "sample_hard_negatives",
+]
 
 Fuse = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -363,3 +381,247 @@ class ImageTabularMatchingLoss(nn.Module):
             "negative_tables": negative_tables,
             "negative_images": negative_images,
         }
+
+
+# ----------------------------------------------------------------------------- survival losses (P4)
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf in a tensor of shape {tuple(x.shape)}")
+
+
+def _check_event(event: object, b: int) -> torch.Tensor:
+    """``event`` as a (B,) bool tensor; ValueError unless it is (B,) with values in {0, 1}."""
+    if not isinstance(event, torch.Tensor) or tuple(event.shape) != (b,):
+        raise ValueError(f"event must be a ({b},) tensor for a batch of {b}, got {_shape(event)}")
+    if event.dtype != torch.bool:
+        if event.is_floating_point() and not torch.isfinite(event).all():
+            raise ValueError(f"event must be finite 0/1 values, got NaN or inf (shape {tuple(event.shape)})")
+        if not ((event == 0) | (event == 1)).all():
+            bad = event[(event != 0) & (event != 1)][0].item()
+            raise ValueError(f"event must hold only 0/1 (or bool) values, got {bad}")
+    return event.bool()
+
+
+def _segment_logsumexp(
+    values: torch.Tensor, segment: torch.Tensor, n_segments: int, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable ``log(sum(exp(values[k])))`` over the k with ``mask[k]`` in each segment.
+
+    Returns ``(lse, nonempty)``: (n_segments,) values and a bool mask of segments that have at least one
+    masked member; empty segments get 0 (not ``-inf``), so that no NaN can reach the gradient.
+    """
+    seg = segment[mask]
+    vals = values[mask]
+    peak = torch.zeros(n_segments, dtype=values.dtype, device=values.device)
+    peak = peak.scatter_reduce(0, seg, vals.detach(), reduce="amax", include_self=False)
+    total = torch.zeros(n_segments, dtype=values.dtype, device=values.device)
+    total = total.scatter_add(0, seg, torch.exp(vals - peak[seg]))
+    nonempty = torch.zeros(n_segments, dtype=torch.bool, device=values.device)
+    nonempty[seg] = True
+    total = torch.where(nonempty, total, torch.ones_like(total))
+    return torch.log(total) + peak, nonempty
+
+
+def cox_ph_loss(
+    risk: torch.Tensor,
+    time: torch.Tensor,
+    event: torch.Tensor,
+    *,
+    ties: str = "efron",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negative log partial likelihood of a Cox proportional-hazards model on one batch.
+
+    Sample i has log-hazard ``eta_i = risk[i]`` (higher = earlier event). For each distinct event
+    time t let D(t) be the d samples with an event at t and R(t) = {j : time_j >= t} its risk set
+    (every sample still under observation at t, the tied events and samples censored at t
+    included). With ``S_R = sum_{j in R} exp(eta_j)`` and ``S_D = sum_{i in D} exp(eta_i)``:
+
+    - Breslow: ``log L = sum_t [ sum_{i in D} eta_i - d log S_R ]``.
+    - Efron: ``log L = sum_t [ sum_{i in D} eta_i - sum_{l=0}^{d-1} log(S_R - (l/d) S_D) ]``.
+      Both agree when no event times are tied.
+
+    Computed in ``risk``'s dtype without exponentiating raw scores: samples are sorted by time
+    (descending), risk-set log-sums come from ``logcumsumexp`` over the groups of equal times,
+    and Efron's factor is ``log S_R + log1p(-(l/d) S_D / S_R)`` with ``S_D / S_R`` in (0, 1]. Cost
+    O(B log B). Only the order of the times matters (ties are exact float equality).
+
+    Args:
+        risk: (B,) or (B, 1) log-hazard scores.
+        time: (B,) event or censoring times, finite and >= 0 (only their order is used).
+        event: (B,) bool or 0/1: 1 = event observed at ``time``, 0 = censored at ``time``.
+        ties: ``"efron"`` (default) or ``"breslow"``.
+        reduction: ``"mean"`` (the sum divided by the number of events), ``"sum"``, or
+            ``"none"``: a (B,) tensor in input order holding each event's own term of ``-log L``
+            (Efron: its share ``log(S_R - (l/d) S_D) - eta_i`` with l its rank among the tied
+            events, in input order) and 0 for censored samples; it sums to the ``"sum"`` loss.
+
+    Returns:
+        The loss (scalar, or (B,) for ``"none"``). A batch without events (an empty batch
+        included) has no partial likelihood: the result is ``risk.sum() * 0`` (or ``risk * 0``),
+        zero, still attached to the graph, with zero gradient. A single event alone in its risk
+        set contributes 0.
+
+    Raises:
+        ValueError: on a bad shape, NaN or inf in ``risk`` or ``time``, negative ``time``,
+            ``event`` values other than 0/1, or an unknown ``ties`` or ``reduction``.
+    """
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(risk, torch.Tensor) or not (
+        risk.ndim == 1 or (risk.ndim == 2 and risk.shape[1] == 1)
+    ):
+        raise ValueError(f"risk must be a (B,) or (B, 1) tensor, got {_shape(risk)}")
+    if not risk.is_floating_point():
+        raise ValueError(f"risk must be a floating-point tensor, got dtype {risk.dtype}")
+    eta = risk.reshape(-1)
+    b = eta.shape[0]
+    if not isinstance(time, torch.Tensor) or tuple(time.shape) != (b,):
+        raise ValueError(f"time must be a ({b},) tensor for a batch of {b}, got {_shape(time)}")
+    ev = _check_event(event, b)
+    _check_finite("risk", eta)
+    _check_finite("time", time.float() if not time.is_floating_point() else time)
+    if (time < 0).any():
+        raise ValueError(f"time must be >= 0, got minimum {time.min().item()}")
+
+    ev = ev.to(eta.device)
+    n_events = int(ev.sum())
+    if n_events == 0:
+        return eta * 0 if reduction == "none" else eta.sum() * 0
+
+    order = torch.argsort(time.to(eta.device), descending=True, stable=True)
+    t_s, eta_s, ev_s = time.to(eta.device)[order], eta[order], ev[order]
+    _, group, counts = torch.unique_consecutive(t_s, return_inverse=True, return_counts=True)
+    n_groups = counts.shape[0]
+
+    everyone = torch.ones_like(ev_s)
+    lse_group, _ = _segment_logsumexp(eta_s, group, n_groups, everyone)
+    log_sr = torch.logcumsumexp(lse_group, dim=0)  # (G,): log S_R of each distinct time, latest first
+    term = log_sr[group] - eta_s  # Breslow term of every sample (used for events only)
+
+    if ties == "efron":
+        lse_events, _ = _segment_logsumexp(eta_s, group, n_groups, ev_s)
+        ev_long = ev_s.long()
+        d = torch.zeros(n_groups, dtype=torch.long, device=eta.device).scatter_add(0, group, ev_long)
+        events_before_group = torch.cumsum(d, 0) - d
+        rank = torch.cumsum(ev_long, 0) - 1 - events_before_group[group]  # l among the tied events
+        frac = rank.to(eta.dtype) / d[group].clamp_min(1).to(eta.dtype)
+        ratio = torch.exp(lse_events - log_sr)[group]  # S_D / S_R in (0, 1]
+        term = term + torch.log1p(-(frac * ratio).clamp(max=1.0))
+        # frac <= (d-1)/d < 1, so the clamp only guards against rounding in ratio.
+
+    per_sorted = torch.where(ev_s, term, torch.zeros_like(term))
+    if reduction == "none":
+        return torch.zeros_like(per_sorted).scatter(0, order, per_sorted)
+    total = per_sorted.sum()
+    return total / n_events if reduction == "mean" else total
+
+
+def discrete_time_nll(
+    logits: torch.Tensor,
+    bin_index: torch.Tensor,
+    event: torch.Tensor,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negative log-likelihood of discrete-time survival with logistic hazards (Nnet-survival / LogisticHazard).
+
+    Follow-up is split into K intervals (see :func:`discretize_times`) and ``h_i = sigmoid(logits[:, i])``
+    is the probability of the event in interval i given survival to its start. For a sample whose
+    event or censoring time falls in interval j:
+
+    - event in j: ``-[log h_j + sum_{i<j} log(1 - h_i)]`` (survived intervals 0..j-1, event in j);
+    - censored in j: ``-sum_{i<=j} log(1 - h_i)``: censoring is treated as happening at the END of
+      interval j, so the sample counts as having survived interval j too.
+
+    Equivalently, binary cross-entropy of the hazards against target 0 before j and ``event`` at
+    j, with the intervals after j masked out. ``log h = logsigmoid(z)`` and
+    ``log(1 - h) = logsigmoid(-z)`` keep every value and gradient finite for finite logits.
+
+    Args:
+        logits: (B, K) hazard logits, K >= 1.
+        bin_index: (B,) integer tensor, the interval j of each sample's event or censoring time,
+            ``0 <= j < K``.
+        event: (B,) bool or 0/1 (1 = event in interval j, 0 = censored in it).
+        reduction: ``"mean"`` over the B samples, ``"sum"``, or ``"none"`` ((B,) per sample).
+
+    Returns:
+        The loss: a scalar, or (B,) for ``"none"``.
+
+    Raises:
+        ValueError: on a bad shape or dtype, non-finite logits, ``bin_index`` outside
+            ``[0, K)``, ``event`` values other than 0/1, or an unknown ``reduction``.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be a (B, K) tensor with K >= 1, got {_shape(logits)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    b, k = logits.shape
+    if not isinstance(bin_index, torch.Tensor) or tuple(bin_index.shape) != (b,):
+        raise ValueError(f"bin_index must be a ({b},) tensor for logits {tuple(logits.shape)}, got {_shape(bin_index)}")
+    if bin_index.is_floating_point() or bin_index.is_complex() or bin_index.dtype == torch.bool:
+        raise ValueError(f"bin_index must be an integer tensor, got dtype {bin_index.dtype}")
+    if b and (bin_index.min() < 0 or bin_index.max() >= k):
+        raise ValueError(
+            f"bin_index must lie in [0, {k}) for K={k} intervals, got range "
+            f"[{bin_index.min().item()}, {bin_index.max().item()}]"
+        )
+    ev = _check_event(event, b).to(logits.device)
+    _check_finite("logits", logits)
+
+    j = bin_index.to(logits.device).long()
+    log_survive = F.logsigmoid(-logits)  # log(1 - h_i)
+    before = torch.arange(k, device=logits.device)[None, :] < j[:, None]
+    survived = (log_survive * before).sum(dim=1)  # sum_{i<j} log(1 - h_i)
+    z_j = logits.gather(1, j[:, None]).squeeze(1)
+    last = torch.where(ev, F.logsigmoid(z_j), F.logsigmoid(-z_j))  # event: log h_j, censored: log(1 - h_j)
+    per_sample = -(survived + last)
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+def discretize_times(time: torch.Tensor, cuts: torch.Tensor | list[float]) -> torch.Tensor:
+    """Interval index of each time for K+1 increasing cut points ``c_0 < c_1 < ... < c_K`` (K intervals).
+
+    Intervals are closed on the right: interval j is ``(c_j, c_{j+1}]``, so a time exactly on
+    the cut ``c_{j+1}`` belongs to interval j (it ends that interval; with
+    :func:`discrete_time_nll` a censoring there counts as surviving interval j, an event there
+    happens in it). The first interval also takes ``c_0`` itself and any time below it (index 0);
+    times beyond the last cut ``c_K`` go to the last interval (index K-1).
+
+    Args:
+        time: tensor of event or censoring times (any shape), finite.
+        cuts: 1-D strictly increasing tensor or list of K+1 >= 2 finite cut points. A list is
+            built in ``time``'s dtype, so that equal values compare equal.
+
+    Returns:
+        Long tensor of ``time``'s shape with values in ``[0, K)``.
+
+    Raises:
+        ValueError: if ``cuts`` is not 1-D with at least 2 finite strictly increasing values, or
+            ``time`` holds NaN or inf.
+    """
+    t = torch.as_tensor(time)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    c = cuts if isinstance(cuts, torch.Tensor) else torch.as_tensor(cuts, dtype=t.dtype)
+    if c.ndim != 1 or c.shape[0] < 2:
+        raise ValueError(f"cuts must be 1-D with at least 2 values (K+1 cut points), got shape {tuple(c.shape)}")
+    if not c.is_floating_point():
+        c = c.to(torch.float64)
+    _check_finite("cuts", c)
+    if not (c[1:] > c[:-1]).all():
+        raise ValueError(f"cuts must be strictly increasing, got {c.tolist()}")
+    _check_finite("time", t)
+    dtype = torch.promote_types(t.dtype, c.dtype)
+    t, c = t.to(dtype), c.to(device=t.device, dtype=dtype)
+    k = c.shape[0] - 1
+    idx = torch.searchsorted(c, t.contiguous(), right=False)  # number of cuts strictly below t
+    return (idx - 1).clamp(0, k - 1).long()

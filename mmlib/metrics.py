@@ -8,27 +8,41 @@ import numpy as np
 
 from mmlib import core
 
-__all__ = ["balanced_accuracy_at", "bootstrap_ci", "concordance_index", "retrieval_recall", "youden_threshold"]
+__all__ = [
+    "balanced_accuracy_at",
+    "bootstrap_ci",
+    "concordance_index",
+    "harrell_c",
+    "integrated_brier",
+    "paired_bootstrap_diff",
+    "retrieval_recall",
+    "time_dependent_auc",
+    "uno_c",
+    "youden_threshold",
+]
 
 
 def concordance_index(event: np.ndarray, time: np.ndarray, risk: np.ndarray) -> float:
     """Harrell's c-index: the share of comparable pairs ordered correctly by ``risk``.
 
     A thin wrapper over :func:`sksurv.metrics.concordance_index_censored` (higher ``risk``
-    means earlier events) that accepts any array-like and returns only the estimate.
+    means earlier events) that accepts any array-like and returns only the estimate. Also
+    exported as :data:`harrell_c` (the same function); see :func:`uno_c` for the
+    censoring-adjusted version.
 
     Args:
-        event: (N,) bool, True where the event was observed.
+        event: (N,) bool (or 0/1), True where the event was observed; at least one event.
         time: (N,) event or censoring times.
-        risk: (N,) predicted risk scores.
+        risk: (N,) predicted risk scores, finite.
+
+    Raises:
+        ValueError: naming the offending argument, for mismatched lengths, NaN risks or
+            times, non-binary events, no events, or no comparable pair.
     """
     from sksurv.metrics import concordance_index_censored
 
-    event = np.asarray(event, dtype=bool)
-    time = np.asarray(time, dtype=float)
-    risk = np.asarray(risk, dtype=float)
-    if not (event.shape == time.shape == risk.shape) or event.ndim != 1:
-        raise ValueError(f"event, time and risk must be 1-D of one length, got {event.shape}, {time.shape}, {risk.shape}")
+    event, time = _event_time(event, time)
+    risk = _subject_scores(risk, len(event), "risk", ref="event")
     return float(concordance_index_censored(event, time, risk)[0])
 
 
@@ -66,16 +80,7 @@ def bootstrap_ci(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     arrays = tuple(np.asarray(a) for a in arrays)
     estimate = float(metric(*arrays))
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in core.progress(range(n_boot), desc=desc, disable=desc is None, leave=False):
-        idx = rng.integers(0, n, n)
-        try:
-            v = float(metric(*(a[idx] for a in arrays)))
-        except (ValueError, ZeroDivisionError):
-            continue
-        if np.isfinite(v):
-            values.append(v)
+    values = _bootstrap_values(metric, arrays, n_boot=n_boot, seed=seed, desc=desc)
     if not values:
         raise ValueError("the metric was undefined on every bootstrap resample")
     alpha = (1 - level) / 2
@@ -193,3 +198,319 @@ def retrieval_recall(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> di
     for k in ks:
         out[f"chance@{k}"] = k / n
     return out
+
+
+# --------------------------------------------------------------------------- survival (P2, P4)
+
+# Harrell's c-index is :func:`concordance_index` (already a wrapper over sksurv); this is the
+# same function under the name used next to :func:`uno_c`, not a second implementation.
+harrell_c = concordance_index
+
+
+def _event_time(
+    event: np.ndarray,
+    time: np.ndarray,
+    *,
+    names: tuple[str, str] = ("event", "time"),
+    need_event: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(event as bool, time as float)``; errors name the offending argument."""
+    event_name, time_name = names
+    e = np.asarray(event)
+    t = np.asarray(time, dtype=float)
+    if e.ndim != 1 or e.size == 0:
+        raise ValueError(f"{event_name} must be a non-empty 1-D array, got shape {e.shape}")
+    if t.shape != e.shape:
+        raise ValueError(f"{time_name} must be 1-D of one length with {event_name} ({e.size}), got shape {t.shape}")
+    if e.dtype != bool:
+        if not np.isin(e, [0, 1]).all():
+            raise ValueError(f"{event_name} must be bool or 0/1, got values {np.unique(e)[:5]}")
+        e = e.astype(bool)
+    if not np.isfinite(t).all():
+        raise ValueError(f"{time_name} contains NaN or infinite values")
+    if need_event and not e.any():
+        raise ValueError(f"{event_name} has no events (every subject is censored): the metric is undefined")
+    return e, t
+
+
+def _subject_scores(x: np.ndarray, n: int, name: str, *, ref: str = "event", cols: int | None = None) -> np.ndarray:
+    """Validated float scores, (n,) or (n, cols), finite."""
+    s = np.asarray(x, dtype=float)
+    want = (n,) if cols is None else (n, cols)
+    if s.shape != want:
+        what = "1-D" if cols is None else f"2-D with {cols} columns (one per time)"
+        raise ValueError(f"{name} must be {what} and of one length with {ref} ({n}), got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return s
+
+
+def _ipcw_inputs(train_event, train_time, event, time, *, need_event: bool = True):
+    """Structured sksurv arrays of the training and test data, plus the test ``(event, time)``."""
+    from sksurv.util import Surv
+
+    tr_e, tr_t = _event_time(train_event, train_time, names=("train_event", "train_time"), need_event=False)
+    e, t = _event_time(event, time, need_event=need_event)
+    return Surv.from_arrays(tr_e, tr_t), Surv.from_arrays(e, t), e, t
+
+
+def _eval_times(times: np.ndarray, event: np.ndarray, time: np.ndarray, *, need_case: bool) -> np.ndarray:
+    """Validated evaluation times: strictly increasing, inside the test follow-up ``[min, max)``."""
+    ts = np.asarray(times, dtype=float)
+    if ts.ndim == 0:
+        ts = ts.reshape(1)
+    if ts.ndim != 1 or ts.size == 0:
+        raise ValueError(f"times must be a non-empty 1-D array, got shape {ts.shape}")
+    if not np.isfinite(ts).all():
+        raise ValueError("times contains NaN or infinite values")
+    if (np.diff(ts) <= 0).any():
+        raise ValueError(f"times must be strictly increasing, got {ts}")
+    lo, hi = time.min(), time.max()
+    outside = (ts < lo) | (ts >= hi)
+    if outside.any():
+        raise ValueError(
+            f"times must lie inside the follow-up range of the test data (time), [{lo:g}, {hi:g}): "
+            f"min(time) <= t < max(time), the end excluded as nobody is at risk after it; "
+            f"got {ts[outside][:5]} outside"
+        )
+    if need_case:
+        first = time[event].min()
+        if ts[0] < first:
+            raise ValueError(
+                f"times must not precede the first test event ({first:g}): at t={ts[0]:g} there is no case "
+                "(event with time <= t), so the AUC is undefined"
+            )
+    return ts
+
+
+def _call_ipcw(fn: Callable, *args, train_time: np.ndarray):
+    """Call an sksurv IPCW metric, rewording its errors about the censoring-weight range."""
+    try:
+        return fn(*args)
+    except ValueError as err:
+        msg = str(err)
+        if "largest observed time point" not in msg and "censoring survival function is zero" not in msg:
+            raise
+        raise ValueError(
+            "the inverse-probability-of-censoring weights come from a Kaplan-Meier fit on train_event/train_time, "
+            f"defined only up to the training follow-up (largest train_time {np.max(train_time):g}, excluded when "
+            "that subject is censored), and the test data reach beyond it. Censor the test follow-up below it "
+            "(event &= time < cut; time = min(time, cut)) or choose tau / times below it "
+            f"(sksurv said: {msg})"
+        ) from err
+
+
+def uno_c(
+    train_event: np.ndarray,
+    train_time: np.ndarray,
+    event: np.ndarray,
+    time: np.ndarray,
+    risk: np.ndarray,
+    *,
+    tau: float | None = None,
+) -> float:
+    """Uno's c-index: Harrell's pairs weighted by inverse probability of censoring (P4).
+
+    A wrapper over :func:`sksurv.metrics.concordance_index_ipcw`. A pair (i, j) is comparable
+    when subject i has an event and ``time[i] < time[j]`` (and ``time[i] < tau``); it counts
+    with weight ``1 / G(time[i])**2``, G the Kaplan-Meier estimate of the censoring survival
+    function fitted on the *training* data. Unlike Harrell's c (:func:`concordance_index`),
+    the estimate does not depend on how heavily the test set is censored, which matters when
+    comparing an internal with an external cohort. Without censoring in the training data
+    G = 1 and Uno's c equals Harrell's. Ties in ``risk`` count one half.
+
+    Args:
+        train_event, train_time: (M,) training outcomes, for the censoring distribution only.
+        event, time: (N,) test outcomes, at least one event (before ``tau``).
+        risk: (N,) finite risk scores, higher = earlier event.
+        tau: truncation time: only pairs whose earlier time is below ``tau`` count. Choose it
+            where some training subjects are still followed (P(censoring time > tau) > 0);
+            test event times must not exceed the training follow-up unless ``tau`` cuts them
+            off. ``None``: no truncation.
+    """
+    from sksurv.metrics import concordance_index_ipcw
+
+    y_train, y_test, e, t = _ipcw_inputs(train_event, train_time, event, time)
+    r = _subject_scores(risk, len(e), "risk")
+    if tau is not None:
+        tau = float(tau)
+        if not np.isfinite(tau):
+            raise ValueError(f"tau must be finite or None, got {tau}")
+        if not (e & (t < tau)).any():
+            raise ValueError(f"event has no events before tau={tau:g} (first event at {t[e].min():g}): undefined")
+    return float(_call_ipcw(concordance_index_ipcw, y_train, y_test, r, tau, train_time=y_train["time"])[0])
+
+
+def time_dependent_auc(
+    train_event: np.ndarray,
+    train_time: np.ndarray,
+    event: np.ndarray,
+    time: np.ndarray,
+    risk: np.ndarray,
+    times: np.ndarray,
+) -> tuple[np.ndarray, float]:
+    """Cumulative/dynamic AUC(t): how well ``risk`` separates events by t from survivors past t.
+
+    A wrapper over :func:`sksurv.metrics.cumulative_dynamic_auc`: cases are subjects with an
+    event at ``time <= t`` (weighted by inverse probability of censoring, estimated on the
+    training data), controls those with ``time > t``.
+
+    Args:
+        train_event, train_time: (M,) training outcomes, for the censoring distribution only.
+        event, time: (N,) test outcomes, at least one event.
+        risk: (N,) finite risk scores (higher = earlier event), or (N, T) time-dependent ones.
+        times: (T,) strictly increasing evaluation times inside the test follow-up,
+            ``min(time) <= t < max(time)``, and not before the first test event.
+
+    Returns:
+        ``(auc, mean_auc)``: (T,) AUC at each time, and their mean weighted by the drop of the
+        test Kaplan-Meier survival over ``times`` (``auc[0]`` when T = 1).
+    """
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    y_train, y_test, e, t = _ipcw_inputs(train_event, train_time, event, time)
+    ts = _eval_times(times, e, t, need_case=True)
+    r = _subject_scores(risk, len(e), "risk", cols=len(ts) if np.ndim(risk) == 2 else None)
+    auc, mean_auc = _call_ipcw(cumulative_dynamic_auc, y_train, y_test, r, ts, train_time=y_train["time"])
+    return np.asarray(auc, dtype=float), float(mean_auc)
+
+
+def integrated_brier(
+    train_event: np.ndarray,
+    train_time: np.ndarray,
+    event: np.ndarray,
+    time: np.ndarray,
+    survival_probs: np.ndarray,
+    times: np.ndarray,
+) -> float:
+    """Integrated Brier score of predicted survival curves (lower is better; 0.25 = constant 0.5).
+
+    A wrapper over :func:`sksurv.metrics.integrated_brier_score`: the IPCW Brier score
+    (Graf et al. 1999) at each time, integrated by the trapezoid rule over
+    ``[times[0], times[-1]]`` and divided by its length.
+
+    Args:
+        train_event, train_time: (M,) training outcomes, for the censoring distribution only.
+        event, time: (N,) test outcomes (no event needed).
+        survival_probs: (N, T) predicted P(time > times[k]) of each subject, in [0, 1].
+        times: (T,) strictly increasing evaluation times, T >= 2, inside the test follow-up
+            ``min(time) <= t < max(time)``.
+    """
+    from sksurv.metrics import integrated_brier_score
+
+    y_train, y_test, e, t = _ipcw_inputs(train_event, train_time, event, time, need_event=False)
+    ts = _eval_times(times, e, t, need_case=False)
+    if len(ts) < 2:
+        raise ValueError(f"times needs at least two time points to integrate over, got {len(ts)}")
+    s = _subject_scores(survival_probs, len(e), "survival_probs", cols=len(ts))
+    if (s < 0).any() or (s > 1).any():
+        raise ValueError("survival_probs must be probabilities in [0, 1]")
+    return float(_call_ipcw(integrated_brier_score, y_train, y_test, s, ts, train_time=y_train["time"]))
+
+
+# --------------------------------------------------------------------------- bootstrap comparison
+
+
+def _bootstrap_values(
+    metric: Callable[..., float], arrays: tuple[np.ndarray, ...], *, n_boot: int, seed: int, desc: str | None
+) -> list[float]:
+    """Finite values of ``metric`` on ``n_boot`` subject resamples (undefined ones skipped)."""
+    n = len(arrays[0])
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in core.progress(range(n_boot), desc=desc, disable=desc is None, leave=False):
+        idx = rng.integers(0, n, n)
+        try:
+            v = float(metric(*(a[idx] for a in arrays)))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if np.isfinite(v):
+            values.append(v)
+    return values
+
+
+def paired_bootstrap_diff(
+    metric: Callable[..., float],
+    a_scores: np.ndarray,
+    b_scores: np.ndarray,
+    *arrays: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    desc: str | None = "paired bootstrap",
+) -> dict[str, float]:
+    """Difference ``metric(*arrays, a_scores) - metric(*arrays, b_scores)`` of two models scored
+    on the same subjects, with a paired bootstrap interval and p-value (P4: fusion vs unimodal).
+
+    Subjects are resampled with replacement, the same indices for the arrays and both models'
+    scores, so the interval accounts for the correlation between the two models. Resamples
+    on which either metric is undefined (it raises ValueError, or returns NaN, e.g. no event)
+    are skipped, as in :func:`bootstrap_ci`.
+
+    The two-sided bootstrap p-value is ``min(1, 2 * min(P(d <= 0), P(d >= 0)))`` over the
+    resampled differences d: the share of resamples on the far side of 0 from the bulk of
+    the distribution (differences of exactly 0 count on both sides, so a model compared with
+    itself gets p = 1), doubled and capped at 1. Its resolution is ``1 / n_boot``: p = 0 means
+    below that, not exactly zero.
+
+    Example: ``paired_bootstrap_diff(concordance_index, fusion_risk, ct_risk, event, time)``.
+
+    Args:
+        metric: ``metric(*arrays, scores) -> float``.
+        a_scores, b_scores: (N, ...) scores of the two models.
+        *arrays: (N, ...) other per-subject arrays, passed first (e.g. event, time).
+        n_boot: number of resamples.
+        seed: seed of the resampling generator.
+        level: coverage of the percentile interval.
+        desc: label of the progress bar (``None`` hides it).
+
+    Returns:
+        ``{"estimate", "lower", "upper", "p_value", "a", "b", "n_valid"}``: the difference on
+        all subjects, its percentile interval, the p-value, each model's metric, and the
+        number of resamples used.
+
+    Raises:
+        ValueError: mismatched lengths (naming the argument), ``level`` outside (0, 1), the
+            metric undefined on the full data, or on more than half of the resamples.
+    """
+    a = np.asarray(a_scores)
+    b = np.asarray(b_scores)
+    if a.ndim == 0 or a.shape[0] == 0:
+        raise ValueError(f"a_scores must be a non-empty array with one row per subject, got shape {a.shape}")
+    n = a.shape[0]
+    if b.shape != a.shape:
+        raise ValueError(f"b_scores must have the shape of a_scores {a.shape}, got {b.shape}")
+    arrays = tuple(np.asarray(x) for x in arrays)
+    for i, x in enumerate(arrays):
+        if x.ndim == 0 or x.shape[0] != n:
+            raise ValueError(f"arrays[{i}] must have one row per subject like a_scores ({n}), got shape {x.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+    def diff(*xs: np.ndarray) -> float:
+        *rest, sa, sb = xs
+        return float(metric(*rest, sa)) - float(metric(*rest, sb))
+
+    est_a, est_b = float(metric(*arrays, a)), float(metric(*arrays, b))
+    estimate = est_a - est_b
+    if not np.isfinite(estimate):
+        raise ValueError(f"the metric is undefined on the full data (a: {est_a}, b: {est_b})")
+    values = np.asarray(_bootstrap_values(diff, (*arrays, a, b), n_boot=n_boot, seed=seed, desc=desc))
+    if len(values) < n_boot / 2:
+        raise ValueError(
+            f"the metric was undefined on {n_boot - len(values)} of {n_boot} bootstrap resamples (more than half)"
+        )
+    alpha = (1 - level) / 2
+    lower, upper = np.quantile(values, [alpha, 1 - alpha])
+    p_value = min(1.0, 2 * min(float(np.mean(values <= 0)), float(np.mean(values >= 0))))
+    return {
+        "estimate": estimate,
+        "lower": float(lower),
+        "upper": float(upper),
+        "p_value": p_value,
+        "a": est_a,
+        "b": est_b,
+        "n_valid": len(values),
+    }

@@ -1,4 +1,4 @@
-"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular fusion models."""
+"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular models, survival fusion."""
 
 from mmlib.models.autoencoders import ResNetAutoEnc, ResNetEncoder, ViTAutoEnc, ViTEncoder
 from mmlib.models.clip import (
@@ -9,14 +9,25 @@ from mmlib.models.clip import (
     ResNet3dEncoder,
     TabularEncoder,
 )
+from mmlib.models.fusion import (
+    CoAttentionFusion,
+    ContrastiveFusion,
+    CrossAttentionFusion,
+    LateFusion,
+    UnimodalSurvival,
+)
 from mmlib.models.image_tabular import FusionMLP, ImageTabularRegressor, ResNetMLP, TabularMLP, ViTMLP
 
 __all__ = [
+    "CoAttentionFusion",
+    "ContrastiveFusion",
+    "CrossAttentionFusion",
     "EnsembleClassifier",
     "FusionMLP",
     "ImageTabularCLIP",
     "ImageTabularRegressor",
     "InteractionModule",
+    "LateFusion",
     "ProjectionHead",
     "ResNet3dEncoder",
     "ResNetAutoEnc",
@@ -24,6 +35,7 @@ __all__ = [
     "ResNetMLP",
     "TabularEncoder",
     "TabularMLP",
+    "UnimodalSurvival",
     "ViTAutoEnc",
     "ViTEncoder",
     "ViTMLP",
