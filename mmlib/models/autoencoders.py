@@ -67,8 +67,11 @@ class ResNetEncoder(nn.Module):
         layers: basic blocks per stage.
         conv1_kernel: kernel of the first convolution.
         conv1_stride: stride of the first convolution.
-        block: ``"basic"`` (ResNet18/34) or ``"bottleneck"`` (ResNet50+: 4 x widths[-1] output channels).
+        block: ``"basic"`` (ResNet18/34) or ``"bottleneck"`` (ResNet50+: 4 x widths[-1] output
+            channels); default: the class's ``default_block``.
     """
+
+    default_block = "basic"
 
     def __init__(
         self,
@@ -78,7 +81,7 @@ class ResNetEncoder(nn.Module):
         layers: Sequence[int] = (3, 4, 6, 3),
         conv1_kernel: int = 7,
         conv1_stride: int = 2,
-        block: str = "basic",
+        block: str | None = None,
     ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
@@ -87,6 +90,7 @@ class ResNetEncoder(nn.Module):
         if len(widths) != 4 or len(layers) != 4 or min(widths) <= 0 or min(layers) <= 0:
             raise ValueError(f"widths and layers need four positive ints each, got {widths!r}, {layers!r}")
         blocks = {"basic": ResNetBlock, "bottleneck": ResNetBottleneck}
+        block = block or self.default_block
         if block not in blocks:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         net = ResNet(

@@ -75,18 +75,12 @@ class ResNet3dEncoder(ResNetEncoder):
         gradcam_layer: the last stage (``layer4``), the target layer of Grad-CAM.
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int = 1,
-        widths: Sequence[int] = (64, 128, 256, 512),
-        layers: Sequence[int] = (3, 4, 6, 3),
-        conv1_kernel: int = 7,
-        conv1_stride: int = 2,
-    ) -> None:
-        super().__init__(in_channels=in_channels, widths=widths, layers=layers, conv1_kernel=conv1_kernel,
-                         conv1_stride=conv1_stride, block="bottleneck")
-        self.out_features = self.out_channels
+    default_block = "bottleneck"
+
+    @property
+    def out_features(self) -> int:
+        """Channels of the features and tokens (``4 * widths[-1]``)."""
+        return self.out_channels
 
     @property
     def gradcam_layer(self) -> nn.Module:
