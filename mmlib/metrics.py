@@ -11,10 +11,12 @@ from mmlib import core
 __all__ = [
     "balanced_accuracy_at",
     "bootstrap_ci",
+    "concordance_bootstrap",
     "concordance_index",
     "harrell_c",
     "integrated_brier",
     "paired_bootstrap_diff",
+    "paired_summary",
     "retrieval_recall",
     "time_dependent_auc",
     "uno_c",
@@ -498,6 +500,17 @@ def paired_bootstrap_diff(
     if not np.isfinite(estimate):
         raise ValueError(f"the metric is undefined on the full data (a: {est_a}, b: {est_b})")
     values = np.asarray(_bootstrap_values(diff, (*arrays, a, b), n_boot=n_boot, seed=seed, desc=desc))
+    return paired_summary(est_a, est_b, values, n_boot=n_boot, level=level)
+
+
+def paired_summary(est_a: float, est_b: float, values: np.ndarray, *, n_boot: int | None = None,
+                   level: float = 0.95) -> dict[str, float]:
+    """The result of :func:`paired_bootstrap_diff` from resampled differences already computed
+    (e.g. two columns of :func:`concordance_bootstrap`'s samples subtracted). Non-finite values
+    (undefined resamples) are dropped; more than half of ``n_boot`` undefined is an error."""
+    values = np.asarray(values, dtype=float)
+    n_boot = len(values) if n_boot is None else n_boot
+    values = values[np.isfinite(values)]
     if len(values) < n_boot / 2:
         raise ValueError(
             f"the metric was undefined on {n_boot - len(values)} of {n_boot} bootstrap resamples (more than half)"
@@ -506,7 +519,7 @@ def paired_bootstrap_diff(
     lower, upper = np.quantile(values, [alpha, 1 - alpha])
     p_value = min(1.0, 2 * min(float(np.mean(values <= 0)), float(np.mean(values >= 0))))
     return {
-        "estimate": estimate,
+        "estimate": est_a - est_b,
         "lower": float(lower),
         "upper": float(upper),
         "p_value": p_value,
@@ -514,3 +527,66 @@ def paired_bootstrap_diff(
         "b": est_b,
         "n_valid": len(values),
     }
+
+
+def concordance_bootstrap(
+    event: np.ndarray,
+    time: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Harrell's c of several models on the full data and on the same subject resamples, vectorised.
+
+    The resamples are those of :func:`bootstrap_ci` and :func:`paired_bootstrap_diff` with the
+    same ``seed`` (``rng.integers(0, N, N)`` per resample), and each value equals
+    :func:`concordance_index` on the resampled arrays: scikit-survival's pairs (i an event and
+    ``t_j > t_i``, or ``t_j == t_i`` with j censored; a risk tie within 1e-8 counts 1/2). A
+    resample is a weight vector w (how often each subject was drawn), and
+    ``c = w' A w / w' C w`` with C the comparable pairs and A their concordance. Hundreds of
+    resamples of every model then cost a few matrix products instead of a Python loop of
+    scikit-survival calls (about 5 ms each): what makes per-model CIs and paired tests of many
+    models affordable on a CPU.
+
+    Args:
+        event: (N,) bool or 0/1.
+        time: (N,) times.
+        scores: (N,) or (N, M) risk scores (higher = earlier event), one column per model.
+        n_boot: number of resamples.
+        seed: seed of the resampling generator.
+
+    Returns:
+        ``(estimates (M,), samples (n_boot, M))``; a resample without a comparable pair is NaN
+        in every column (skip it, as :func:`bootstrap_ci` does).
+
+    Raises:
+        ValueError: as :func:`concordance_index` for bad inputs or no comparable pair.
+    """
+    e, t = _event_time(event, time)
+    s = np.asarray(scores, dtype=float)
+    one = s.ndim == 1
+    s = s[:, None] if one else s
+    if s.ndim != 2 or s.shape[0] != e.size:
+        raise ValueError(f"scores must be (N,) or (N, M) with N = {e.size} (the length of event), "
+                         f"got {np.shape(scores)}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contains NaN or infinite values")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n = e.size
+    comparable = e[:, None] & ((t[None, :] > t[:, None]) | ((t[None, :] == t[:, None]) & ~e[None, :]))
+    if not comparable.any():
+        raise ValueError("no comparable pair: the c-index is undefined")
+    rng = np.random.default_rng(seed)
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]).astype(float)
+    cw = comparable.astype(float)
+    denom = np.einsum("bi,ij,bj->b", weights, cw, weights)
+    est, samples = np.empty(s.shape[1]), np.empty((n_boot, s.shape[1]))
+    for m in range(s.shape[1]):
+        diff = s[:, m][:, None] - s[:, m][None, :]
+        credit = np.where(np.abs(diff) <= 1e-8, 0.5, (diff > 0).astype(float)) * cw
+        est[m] = credit.sum() / cw.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            samples[:, m] = np.einsum("bi,ij,bj->b", weights, credit, weights) / denom
+    return est, samples

@@ -281,3 +281,25 @@ def test_paired_bootstrap_errors():
         metrics.paired_bootstrap_diff(metrics.harrell_c, x, x, event, time, level=1.5, desc=None)
     with pytest.raises(ValueError, match="no events"):
         metrics.paired_bootstrap_diff(metrics.harrell_c, x, x, np.zeros(30, bool), time, desc=None)
+
+
+def test_concordance_bootstrap_equals_the_loop_over_scikit_survival():
+    """Same resamples, same values as bootstrap_ci / paired_bootstrap_diff, with tied times and tied scores."""
+    rng = np.random.default_rng(1)
+    n = 60
+    event = rng.random(n) < 0.5
+    time = rng.integers(1, 20, n).astype(float)  # many tied times
+    scores = np.round(rng.normal(size=(n, 2)), 1)  # many tied scores
+    est, samples = metrics.concordance_bootstrap(event, time, scores, n_boot=200, seed=3)
+    for m in range(2):
+        assert est[m] == pytest.approx(metrics.concordance_index(event, time, scores[:, m]), abs=1e-12)
+    c, lo, hi = metrics.bootstrap_ci(metrics.concordance_index, event, time, scores[:, 0], n_boot=200, seed=3, desc=None)
+    finite = samples[:, 0][np.isfinite(samples[:, 0])]
+    assert np.allclose(np.quantile(finite, [0.025, 0.975]), [lo, hi], atol=1e-12)
+    slow = metrics.paired_bootstrap_diff(metrics.concordance_index, scores[:, 0], scores[:, 1], event, time,
+                                         n_boot=200, seed=3, desc=None)
+    fast = metrics.paired_summary(est[0], est[1], samples[:, 0] - samples[:, 1], n_boot=200)
+    for key in ("estimate", "lower", "upper", "p_value", "n_valid"):
+        assert fast[key] == pytest.approx(slow[key], abs=1e-12), key
+    with pytest.raises(ValueError, match="scores must be"):
+        metrics.concordance_bootstrap(event, time, scores[:-1])
