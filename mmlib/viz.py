@@ -117,3 +117,32 @@ def orthogonal_slices(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def km_curves(ax: plt.Axes, groups: Sequence[tuple[str, np.ndarray, np.ndarray, str | None]], *,
+              title: str | None = None, xlabel: str = "days",
+              ylabel: str | None = "survival probability (95% CI)") -> plt.Axes:
+    """Kaplan-Meier curves (scikit-survival) with log-log 95% bands, one per group, on ``ax``.
+
+    Args:
+        groups: ``(label, event, time, color)`` per curve; a group without subjects is skipped.
+            The legend gives each group's size and number of events.
+    """
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    for label, event, time, color in groups:
+        event, time = np.asarray(event).astype(bool), np.asarray(time, float)
+        if event.size == 0:
+            continue
+        x, s, (lo, hi) = kaplan_meier_estimator(event, time, conf_type="log-log")
+        ax.step(np.r_[0, x], np.r_[1, s], where="post", color=color,
+                label=f"{label} (n={event.size}, {int(event.sum())} events)")
+        ax.fill_between(np.r_[0, x], np.r_[1, lo], np.r_[1, hi], step="post", color=color, alpha=0.15)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax

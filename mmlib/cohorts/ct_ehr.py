@@ -838,27 +838,21 @@ def _fig_codes(df: pd.DataFrame, ev: pd.DataFrame, desc: dict[str, str]):
 
 def _fig_km(df: pd.DataFrame):
     import matplotlib.pyplot as plt
-    from sksurv.nonparametric import kaplan_meier_estimator
+
+    from mmlib.viz import km_curves
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True, sharey=True)
     t, e = df["time_days"].to_numpy(float), df["event"].to_numpy(int)
-    groups = [(ax1, (df["risk_group"] == g).to_numpy(), f"{g} planted risk", c)
-              for g, c in (("low", "tab:green"), ("mid", "tab:olive"), ("high", "tab:red"))]
-    groups += [(ax2, (df["site"].astype(str) == s).to_numpy(), s, c)
-               for s, c in (("internal", "tab:blue"), ("external", "tab:orange"))]
-    for ax, m, label, color in groups:
-        if m.any():
-            x, s, (lo, hi) = kaplan_meier_estimator(e[m].astype(bool), t[m], conf_type="log-log")
-            ax.step(np.r_[0, x], np.r_[1, s], where="post", color=color,
-                    label=f"{label} (n={int(m.sum())}, {int(e[m].sum())} events)")
-            ax.fill_between(np.r_[0, x], np.r_[1, lo], np.r_[1, hi], step="post", color=color, alpha=0.15)
-    ax1.set_title("By planted risk group (tertiles of the true log hazard)")
-    ax2.set_title("By site")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("days after the index CT")
-        ax.legend(loc="lower left")
-        ax.grid(alpha=0.3)
-    ax1.set_ylabel("survival probability (95% CI)")
+
+    def groups(col, values):
+        return [(label, e[m], t[m], color) for value, label, color in values
+                if (m := (df[col].astype(str) == value).to_numpy()).any()]
+
+    km_curves(ax1, groups("risk_group", [(g, f"{g} planted risk", c) for g, c in
+                                         (("low", "tab:green"), ("mid", "tab:olive"), ("high", "tab:red"))]),
+              title="By planted risk group (tertiles of the true log hazard)", xlabel="days after the index CT")
+    km_curves(ax2, groups("site", [(s, s, c) for s, c in (("internal", "tab:blue"), ("external", "tab:orange"))]),
+              title="By site", xlabel="days after the index CT", ylabel=None)
     return fig
 
 
