@@ -275,6 +275,15 @@ class CohortGenerator:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def plan_for_seed(self, seed: int) -> CohortPlan:
+        """The plan :meth:`generate` renders for ``seed`` (same random stream), without writing files.
+
+        Two generators whose knobs differ only in the outcome model (e.g. ``ct_ehr``'s
+        ``image_share``) give the same subjects, images and tables with other outcomes: what
+        the P4 balance sweep relies on (and checks).
+        """
+        return self.plan(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_stream_key(self.name), 0))))
+
     def default_dir(self, data_dir: str | os.PathLike | None, seed: int) -> Path:
         base = Path(data_dir) if data_dir is not None else default_data_dir()
         tag = f"-{hashlib.sha256(json.dumps(to_jsonable(self.overrides), sort_keys=True).encode()).hexdigest()[:8]}"
@@ -323,7 +332,7 @@ class CohortGenerator:
                     entry = json.loads(line)
                     previous[int(entry["index"])] = entry
 
-        plan = self.plan(np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_stream_key(self.name), 0))))
+        plan = self.plan_for_seed(seed)
         subjects = plan.subjects.reset_index(drop=True)
         if "subject_id" not in subjects.columns:
             raise ValueError(f"{type(self).__name__}.plan() must return a 'subject_id' column")

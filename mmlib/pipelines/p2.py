@@ -300,10 +300,10 @@ def cohort_table(data: P2Data) -> pd.DataFrame:
 
 def build_model(kind: str, prof: P2Profile) -> nn.Module:
     """``ResNetAutoEnc`` | ``ViTAutoEnc`` | ``ResNetMLP`` | ``ViTMLP`` at the profile's sizes."""
-    vit = dict(img_size=prof.spatial_size, patch_size=prof.vit_patch, hidden_size=prof.vit_hidden,
-               mlp_dim=prof.vit_mlp, num_layers=prof.vit_layers, num_heads=prof.vit_heads)
     if kind == "ResNetAutoEnc":
         return ResNetAutoEnc(widths=prof.resnet_widths, layers=prof.resnet_layers)
+    vit = dict(img_size=prof.spatial_size, patch_size=prof.vit_patch, hidden_size=prof.vit_hidden,
+               mlp_dim=prof.vit_mlp, num_layers=prof.vit_layers, num_heads=prof.vit_heads)
     if kind == "ViTAutoEnc":
         return ViTAutoEnc(**vit, deconv_chns=prof.vit_deconv)
     if kind == "ResNetMLP":
