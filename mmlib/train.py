@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ __all__ = [
     "fit",
     "from_scratch",
     "frozen_encoder",
+    "index_batches",
     "load_checkpoint",
     "load_encoder",
     "progressive_unfreeze",
@@ -311,6 +313,16 @@ def load_encoder(
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def index_batches(idx: np.ndarray, batch_size: int, *, shuffle_seed: int | None = None):
+    """Consecutive chunks of ``batch_size`` row positions of ``idx`` (shuffled first by a generator seeded
+    with ``shuffle_seed``, so an epoch's batches depend on that seed alone)."""
+    idx = np.asarray(idx)
+    if shuffle_seed is not None:
+        idx = np.random.default_rng(shuffle_seed).permutation(idx)
+    for i in range(0, len(idx), batch_size):
+        yield idx[i:i + batch_size]
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

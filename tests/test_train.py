@@ -455,3 +455,14 @@ def test_load_encoder_rejects_missing_and_unexpected_keys():
     with pytest.raises(CheckpointMismatchError, match="no key starts with"):
         load_encoder(model.encoder, state, prefix="backbone.")
     _assert_unchanged(model.encoder, before)
+
+
+def test_index_batches_chunks_and_shuffles_by_seed():
+    from mmlib.train import index_batches
+
+    idx = np.arange(10, 20)
+    chunks = list(index_batches(idx, 4))
+    assert [c.tolist() for c in chunks] == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19]]
+    a = np.concatenate(list(index_batches(idx, 3, shuffle_seed=5)))
+    b = np.concatenate(list(index_batches(idx, 3, shuffle_seed=5)))
+    assert np.array_equal(a, b) and sorted(a.tolist()) == idx.tolist() and not np.array_equal(a, idx)

@@ -190,11 +190,10 @@ class P2Data:
         return {"image": self.images[idx].float(), "tabular": self.tabular[idx], "target": rfs / RFS_SCALE_DAYS}
 
     def batches(self, idx: np.ndarray, batch_size: int, *, shuffle_seed: int | None = None):
-        idx = np.asarray(idx)
-        if shuffle_seed is not None:
-            idx = np.random.default_rng(shuffle_seed).permutation(idx)
-        for i in range(0, len(idx), batch_size):
-            yield self.batch(idx[i:i + batch_size])
+        from mmlib.train import index_batches
+
+        for chunk in index_batches(idx, batch_size, shuffle_seed=shuffle_seed):
+            yield self.batch(chunk)
 
 
 REQUIRED_COLUMNS = ("age", "gender", "chd", "pad", "rfs_days", "relapse", "split", "pretrain_split")

@@ -158,11 +158,10 @@ class P4Data:
         return {"image": self.images[torch.as_tensor(np.asarray(idx), dtype=torch.long)].float()}
 
     def batches(self, idx: np.ndarray, batch_size: int, *, shuffle_seed: int | None = None):
-        idx = np.asarray(idx)
-        if shuffle_seed is not None:
-            idx = np.random.default_rng(shuffle_seed).permutation(idx)
-        for i in range(0, len(idx), batch_size):
-            yield self.batch(idx[i:i + batch_size])
+        from mmlib.train import index_batches
+
+        for chunk in index_batches(idx, batch_size, shuffle_seed=shuffle_seed):
+            yield self.batch(chunk)
 
     def survival(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(event bool, time float)`` of the rows ``idx`` (all rows by default)."""
