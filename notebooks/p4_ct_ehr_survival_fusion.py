@@ -185,6 +185,9 @@ stops
 # ## 4 · Risk groups of the best fusion model
 # The fusion model with the highest validation c-index. Patients are cut into tertiles at the
 # *training* set's cut points, then followed on the internal test set and at the external site.
+# Cut points are a property of the internal hospital's inputs: where the external site records
+# labs in other units or codes differently, its patients can all land in one group even when
+# their ranking (the c-index) survives. The legends give the group sizes.
 
 # %%
 fusion_rows = table[table["family"] == "fusion"]
