@@ -104,6 +104,7 @@ class P1Profile(Profile):
     finetune_batch: int = 16
     finetune_lr: float = 3e-4  # paper 1e-5 for 50 epochs on a ResNet-50
     gradcam_cases: int = 8  # true-positive test cases scored against the planted lesions
+    gradcam_layer: str = "layer4"  # the ResNet stage Grad-CAM weights (layer4 = the last, Grad-CAM's usual choice)
     occlusion_mask: tuple[int, int, int] = (4, 4, 4)  # the finer companion map: 1,200 forward passes a case
     n_boot: int = 500
     precision: str = "fp32"
@@ -698,8 +699,9 @@ class GradCamStudy:
 
 def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch.device,
                   methods: Sequence[str] = ("supervised image", PAPER)) -> GradCamStudy:
-    """Grad-CAM (last ResNet stage, stroke logit) and an occlusion map (P(stroke), ``occlusion_mask``
-    patches) on true-positive test cases, each scored against the planted lesions.
+    """Grad-CAM (``prof.gradcam_layer``, by default the last ResNet stage; stroke logit) and an occlusion
+    map (P(stroke), ``occlusion_mask`` patches) on true-positive test cases, each scored against the
+    planted lesions.
 
     The occlusion map is the finer companion: on a small volume the last stage is a 2 x 2 x 2
     grid, so Grad-CAM cannot tell whether the model looks at the lesions; occlusion can.
@@ -721,7 +723,8 @@ def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch
         cases = tps[method] + ([case_row] if case_row is not None and case_row not in tps[method] else [])
         for r in core.progress(cases, desc=f"Grad-CAM {method}"):
             b = {k: v.to(device) for k, v in data.batch([r]).items() if k != "label"}
-            cam = grad_cam(lambda x, m=model: m(x)["logits"], model.gradcam_layer, b, target=1, model=model)
+            layer = getattr(model.clip.image_encoder, prof.gradcam_layer)
+            cam = grad_cam(lambda x, m=model: m(x)["logits"], layer, b, target=1, model=model)
             occ = occlusion_map(lambda x, m=model: torch.softmax(m(x)["logits"].float(), 1)[:, 1:], b,
                                 mask_size=prof.occlusion_mask, device=device, desc=None)
             if r == case_row:
@@ -753,7 +756,7 @@ def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch
         point = ([int(round(c)) for c in np.argwhere(mask).mean(0)] if mask is not None and mask.any()
                  else [s // 2 for s in vol.shape])
         fig = viz.orthogonal_slices(vol, maps, point=point, contour=mask, spacing=data.spacing_mm,
-                                    title=f"Grad-CAM (stroke logit, last ResNet stage) and occlusion "
+                                    title=f"Grad-CAM (stroke logit, ResNet {prof.gradcam_layer}) and occlusion "
                                     f"(mask {list(prof.occlusion_mask)}), {sid}", volume_label="FLAIR")
         case_text = f"{sid}, a true-positive test case" + ("" if common else " (not of every method)")
     return GradCamStudy(scores, summary, fig, case_text)
