@@ -74,7 +74,8 @@ run = results.Run(
     seed=seed, device=dev, profile=prof,
 )
 ckpt_dir = Path(out_dir) / "checkpoints"
-print(f"device: {core.device_name(dev)}; profile {prof.name}: CT input {prof.spatial_size} voxels at {prof.spacing_mm} mm")
+print(f"device: {core.device_name(dev)}; profile {prof.name}: CT input {prof.spatial_size} voxels "
+      f"at {prof.spacing_mm} mm")
 prof
 
 # %% [markdown]
@@ -112,7 +113,8 @@ with run.stage("encoders"):
     enc = p4.pretrain_encoders(data, prof, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
     emb = p4.embed(data, enc, device=dev)
 fig = p4.encoder_figure(enc)
-run.figure(fig, "encoder_pretraining", caption="Label-free pretraining of the two frozen encoders (train and validation)")
+run.figure(fig, "encoder_pretraining",
+           caption="Label-free pretraining of the two frozen encoders (train and validation)")
 plt.show()
 auc = {"next-visit model": ehr.next_visit_auc(enc.ehr, enc.sequences, data.index("test")),
        "code frequency (training)": ehr.frequency_baseline_auc(enc.sequences, data.index("train"), data.index("test"))}

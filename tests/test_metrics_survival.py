@@ -293,7 +293,8 @@ def test_concordance_bootstrap_equals_the_loop_over_scikit_survival():
     est, samples = metrics.concordance_bootstrap(event, time, scores, n_boot=200, seed=3)
     for m in range(2):
         assert est[m] == pytest.approx(metrics.concordance_index(event, time, scores[:, m]), abs=1e-12)
-    c, lo, hi = metrics.bootstrap_ci(metrics.concordance_index, event, time, scores[:, 0], n_boot=200, seed=3, desc=None)
+    _, lo, hi = metrics.bootstrap_ci(metrics.concordance_index, event, time, scores[:, 0], n_boot=200, seed=3,
+                                     desc=None)
     finite = samples[:, 0][np.isfinite(samples[:, 0])]
     assert np.allclose(np.quantile(finite, [0.025, 0.975]), [lo, hi], atol=1e-12)
     slow = metrics.paired_bootstrap_diff(metrics.concordance_index, scores[:, 0], scores[:, 1], event, time,

@@ -37,6 +37,14 @@ from mmlib import core
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
 
+__all__ = [
+    "EHR_REPS", "PAPER_REPORTED", "PROFILES", "STRATEGIES", "UNIMODAL", "Embeddings", "Encoders", "P4Data", "P4Profile",
+    "Trained", "balance_figure", "balance_outcomes", "balance_sweep", "best_unimodal", "breast_cancer_benchmark",
+    "breast_figure", "build_model", "cindex_figure", "cindex_table", "claims_table", "cohort_table", "ct_tokens",
+    "embed", "encoder_figure", "km_by_site_figure", "load_data", "model_specs", "paper_vs_run", "pretrain_encoders",
+    "risk_group_figure", "stopping_table", "sweep_summary", "train_models", "truth_table",
+]
+
 log = core.get_logger(__name__)
 
 SPLITS = ("train", "val", "test", "external")
@@ -928,7 +936,7 @@ def paper_vs_run(claims: pd.DataFrame) -> pd.DataFrame:
                          "this run": claims["this run"], "held on this data": claims["held"]})
 
 
-from mmlib.pipelines.p4_breast import breast_cancer_benchmark, breast_figure  # noqa: E402  (re-exported)
+from mmlib.pipelines.p4_breast import breast_cancer_benchmark, breast_figure  # noqa: E402  (re-exported, see __all__)
 
 
 def truth_table(data: P4Data, outcome: pd.DataFrame | None = None) -> pd.DataFrame | None:
