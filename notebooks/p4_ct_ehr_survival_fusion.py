@@ -104,7 +104,8 @@ counts
 # that position's features next to the average of stages 2 and 3 over the same region, because a
 # clot of a few voxels leaves little trace in the last stage alone. The EHR model embeds each
 # visit (the mean of its code embeddings plus the time before the index) and a causal
-# transformer predicts the next visit's codes; a visit's state is its embedding. The one-hot
+# transformer predicts the next visit's codes. As with CLMBR, a patient's representation is the
+# state at the last (index) visit; the attention models see the state of every visit. The one-hot
 # baseline is a count of each code over the three years plus the last value of each lab,
 # in the units the hospital records (no harmonisation, as a one-hot pipeline would have it).
 

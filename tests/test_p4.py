@@ -40,7 +40,8 @@ def _synthetic(n: int = 600, beta_ct: float = 1.5, beta_ehr: float = 1.5, seed: 
     mask = torch.zeros(n, 3, dtype=torch.bool)
     mask[::2, 0] = True  # some padded visits
     emb = p4.Embeddings(ct=noisy(u, 4, 2), ehr={"one-hot": {"ehr": noisy(z, 5, 1)[:, 0]},
-                                                 "foundation model": {"ehr": fm, "ehr_mask": mask}})
+                                                 "foundation model": {"ehr": fm, "ehr_mask": mask,
+                                                                      "ehr_patient": noisy(z, 4, 1)[:, 0]}})
     return data, emb
 
 
@@ -60,7 +61,9 @@ def test_model_specs_cover_three_unimodal_and_every_strategy_per_representation(
 def test_every_model_scores_a_batch_of_one():
     data, emb = _synthetic(40)
     for spec in p4.model_specs().itertuples():
-        batch = emb.inputs(np.array([3]), spec.ehr)
+        batch = emb.inputs(np.array([3]), spec.ehr, ehr_tokens="attention" in spec.strategy)
+        if spec.ehr == "foundation model":  # attention models see the visits, the others the patient vector
+            assert batch["ehr"].ndim == (3 if "attention" in spec.strategy else 2), spec.model
         if spec.family == "unimodal":
             batch = {k: v for k, v in batch.items() if k.startswith(spec.strategy)}
         dims = {k: int(v.shape[-1]) for k, v in batch.items() if k in ("ct", "ehr")}

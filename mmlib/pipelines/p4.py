@@ -341,20 +341,27 @@ class Embeddings:
 
     Attributes:
         ct: (N, T, Dc) CT tokens (:func:`ct_tokens`).
-        ehr: representation name -> ``{"ehr": tensor, "ehr_mask": tensor (tokens only)}``:
-            ``"one-hot"`` (N, F) counts / last labs, ``"foundation model"`` (N, V, De) per-visit
-            states with the visit padding mask.
+        ehr: representation name -> ``{"ehr": tensor, "ehr_mask": tensor, "ehr_patient": tensor}``
+            (the last two for sequences only): ``"one-hot"`` (N, F) counts / last labs;
+            ``"foundation model"`` (N, V, De) per-visit states with the visit padding mask, and
+            ``ehr_patient`` (N, De), the state at the last (index) visit: CLMBR's patient
+            representation, which the models that pool the EHR use.
     """
 
     ct: torch.Tensor
     ehr: dict[str, dict[str, torch.Tensor]]
 
-    def inputs(self, idx: np.ndarray, ehr_rep: str | None) -> dict[str, torch.Tensor]:
-        """Rows ``idx`` of the CT tokens and, if ``ehr_rep`` names a representation (None or NaN: none), its EHR."""
+    def inputs(self, idx: np.ndarray, ehr_rep: str | None, *, ehr_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` of the CT tokens and, if ``ehr_rep`` names a representation (None or NaN: none), its EHR:
+        per-visit tokens and their mask with ``ehr_tokens`` (the attention models), else the patient-level vector."""
         i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         batch = {"ct": self.ct[i]}
         if isinstance(ehr_rep, str):
-            batch.update({k: v[i] for k, v in self.ehr[ehr_rep].items()})
+            rep = self.ehr[ehr_rep]
+            if "ehr_patient" in rep and not ehr_tokens:
+                batch["ehr"] = rep["ehr_patient"][i]
+            else:
+                batch.update({k: v[i] for k, v in rep.items() if k != "ehr_patient"})
         return batch
 
 
@@ -371,7 +378,8 @@ def embed(data: P4Data, enc: Encoders, *, device: torch.device | str = "cpu") ->
     fm = ehr.embed_sequences(enc.ehr, enc.sequences, device=device)
     return Embeddings(ct=ct, ehr={
         "one-hot": {"ehr": _standardise(onehot, tr)},
-        "foundation model": {"ehr": _standardise(fm["tokens"], tr, fm["mask"]), "ehr_mask": fm["mask"]},
+        "foundation model": {"ehr": _standardise(fm["tokens"], tr, fm["mask"]), "ehr_mask": fm["mask"],
+                             "ehr_patient": _standardise(fm["pooled"], tr)},
     })
 
 
@@ -465,7 +473,7 @@ def train_models(emb: Embeddings, data: P4Data, prof: P4Profile, *, specs: pd.Da
     risks, hists, fitted_models, permuted = {}, [], {}, {}
     shuffle = torch.as_tensor(np.random.default_rng(seed + 12345).permutation(len(everyone)))
     for spec in core.progress(specs.itertuples(index=False), desc=desc, total=len(specs)):
-        inputs = emb.inputs(everyone, spec.ehr)
+        inputs = emb.inputs(everyone, spec.ehr, ehr_tokens="attention" in spec.strategy)
         if spec.family == "unimodal":
             inputs = {k: v for k, v in inputs.items() if k.startswith(spec.strategy)}
         dims = {k: int(v.shape[-1]) for k, v in inputs.items() if k in ("ct", "ehr")}
