@@ -322,8 +322,11 @@ def test_embeddings_and_determinism(cohort_seqs, pretrained):
     assert torch.equal(emb["mask"], seqs.visit_mask) and torch.isfinite(emb["tokens"]).all()
     real = torch.arange(len(seqs))[seqs.last >= 0]
     assert torch.equal(emb["pooled"][real], emb["tokens"][real, seqs.last[real]])
+    # two fresh runs under the same thread count (the module fixture may have run under another: CPU kernels
+    # reduce in a thread-count-dependent order, so only same seed + same threads is bit-identical)
+    first, _ = pretrain_foundation_model(seqs, train, held, seed=0, **FAST)
     again, _ = pretrain_foundation_model(seqs, train, held, seed=0, **FAST)
-    assert torch.equal(embed_sequences(again, seqs)["tokens"], emb["tokens"])
+    assert torch.equal(embed_sequences(again, seqs)["tokens"], embed_sequences(first, seqs)["tokens"])
     other, _ = pretrain_foundation_model(seqs, train, held, seed=1, **FAST)
     assert not torch.allclose(embed_sequences(other, seqs)["pooled"], emb["pooled"], atol=1e-3)
 

@@ -139,8 +139,10 @@ def test_late_fusion_combines_the_trained_unimodal_models():
 
 
 def test_training_is_deterministic(both_trained):
-    data, emb, trained, _ = both_trained
+    data, emb, _, _ = both_trained
     specs = p4.model_specs(["late fusion", "contrastive"], ["one-hot"])
+    # both runs here, under this test's thread count (the module fixture may have run under another)
+    trained = p4.train_models(emb, data, PROF, specs=specs)
     again = p4.train_models(emb, data, PROF, specs=specs)
     for m in trained.risk:
         assert np.array_equal(trained.risk[m], again.risk[m]), m
