@@ -44,7 +44,12 @@
 #
 # The default data are the generated `ct_ehr` cohort (`data_manifest/cohorts/ct_ehr.md`): clot
 # burden in the CT and a comorbidity state in the EHR each carry half of the outcome's
-# log-hazard (`image_share = 0.5`), and both are known per subject.
+# log-hazard (`image_share = 0.5`), and both are known per subject. The `quick` profile
+# generates 1,500 subjects (the cohort preset has 500) so that test-set CIs are narrower than
+# the gains in question.
+#
+# The `full` profile (the paper's cohort size, 4,632 subjects, larger CT grids) is meant for one
+# GPU. It has not yet been timed on one.
 
 # %% tags=["parameters"]
 profile = "quick"  # smoke | quick | full: full is the paper's cohort size (4,632 subjects), for a GPU
@@ -204,7 +209,7 @@ plt.show()
 # The paper's central claim is that fusion pays when the modalities contribute comparably. Its
 # data could not vary that; ours can. For each value of the knob the generator is re-planned
 # with the same seed: the same patients, CTs and EHRs (checked), with outcomes drawn from
-# `beta_img = 1.2 * sqrt(share)` and `beta_ehr = 1.2 * sqrt(1 - share)`. Everything downstream
+# `beta_img = signal * sqrt(share)` and `beta_ehr = signal * sqrt(1 - share)`. Everything downstream
 # (the frozen embeddings, the splits) stays as above; the unimodal models and every fusion
 # strategy are retrained, here with the EHR foundation model. The lower panels show each
 # unimodal model beside its ceiling (the planted latent) at every share. The summary also says
