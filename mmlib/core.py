@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import os
 import random
 import warnings
@@ -41,12 +42,25 @@ __all__ = [
     "autocast_dtype",
     "cpu_supports_bf16",
     "get_logger",
+    "positive_int",
     "progress",
     "seed_everything",
     "select_device",
 ]
 
 PROFILE_NAMES = ("smoke", "quick", "full")
+
+
+def positive_int(value: object) -> int | None:
+    """``value`` as an int if it is an integer >= 1 (any type with ``__index__``, bool excluded), else None,
+    so the caller can raise an error that names the argument."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if n >= 1 else None
 
 
 # --------------------------------------------------------------------------- device

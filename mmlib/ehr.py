@@ -35,7 +35,6 @@ distribution shift P4 studies, so it is left in on purpose (contrast
 from __future__ import annotations
 
 import hashlib
-import operator
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmlib.core import positive_int
 
 __all__ = [
     "EHRCountEncoder",
@@ -170,11 +171,8 @@ def _not_fitted(owner: str) -> RuntimeError:
 def _check_int(owner: str, **values: object) -> dict[str, int]:
     out = {}
     for name, v in values.items():
-        try:
-            n = operator.index(v) if not isinstance(v, bool) else 0
-        except TypeError:
-            n = 0
-        if n < 1:
+        n = positive_int(v)
+        if n is None:
             raise ValueError(f"{owner}: {name} must be a positive integer, got {v!r}")
         out[name] = n
     return out

@@ -140,3 +140,11 @@ def test_progress_wraps_and_can_be_disabled(monkeypatch):
     bar = core.progress(range(5), desc="x")
     assert list(bar) == [0, 1, 2, 3, 4]
     assert bar.disable
+
+
+def test_positive_int_accepts_integers_from_one_only():
+    from mmlib.core import positive_int
+
+    assert positive_int(3) == 3 and positive_int(np.int64(7)) == 7
+    for bad in (0, -2, 2.0, "3", True, None):
+        assert positive_int(bad) is None, bad

@@ -38,12 +38,12 @@ Every module returns at least ``{"risk": (B,)}``; the extra outputs are listed p
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from mmlib.core import positive_int
 from mmlib.losses import ClipLoss
 from mmlib.models.clip import ProjectionHead
 
@@ -90,11 +90,8 @@ def _check_dims(dims: Mapping[str, int], owner: str, count: int | None) -> dict[
     for name, d in dims.items():
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"{owner}: modality names must be non-empty strings without '.', got {name!r}")
-        try:
-            width = operator.index(d) if not isinstance(d, bool) else 0
-        except TypeError:
-            width = 0
-        if width < 1:
+        width = positive_int(d)
+        if width is None:
             raise ValueError(f"{owner}: dims[{name!r}] must be a positive integer, got {d!r}")
         out[name] = width
     if count is not None and len(out) != count:
