@@ -15,6 +15,7 @@ __all__ = [
     "concordance_index",
     "harrell_c",
     "integrated_brier",
+    "macro_ovr_auc",
     "paired_bootstrap_diff",
     "paired_summary",
     "retrieval_recall",
@@ -161,6 +162,37 @@ def balanced_accuracy_at(y_true: np.ndarray, score: np.ndarray, threshold: float
 
 
 # --------------------------------------------------------------------------- retrieval (P1, P3)
+
+
+def macro_ovr_auc(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present in ``y_true``.
+
+    Equal to ``sklearn.metrics.roc_auc_score(y, prob, multi_class="ovr", average="macro")`` when
+    every class occurs, but a held-out fold that lacks a rare class still gets a value (the mean
+    over the classes it has, each scored by its own probability column) instead of an error.
+
+    Args:
+        y_true: (N,) integer class labels in ``[0, C)``.
+        prob: (N, C) class scores (probabilities or logits; only their ranks per column matter).
+
+    Returns:
+        The mean AUC, or NaN when fewer than two classes occur.
+
+    Raises:
+        ValueError: on mismatched shapes or labels outside ``[0, C)``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if p.ndim != 2 or y.shape != (p.shape[0],):
+        raise ValueError(f"prob must be (N, C) and y_true (N,), got {p.shape} and {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"y_true holds labels outside [0, {p.shape[1]}): range [{y.min()}, {y.max()}]")
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
 
 
 def retrieval_recall(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

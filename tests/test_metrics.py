@@ -54,3 +54,22 @@ def test_bootstrap_ci_skips_undefined_resamples_and_checks_input():
         metrics.bootstrap_ci(lambda a, b: 0.0, np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="every bootstrap"):
         metrics.bootstrap_ci(lambda a: float("nan"), np.ones(3), n_boot=5)
+
+
+def test_macro_ovr_auc_matches_sklearn_and_handles_a_missing_class():
+    from sklearn.metrics import roc_auc_score
+
+    from mmlib.metrics import macro_ovr_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4)) + 1.5 * np.eye(4)[y]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert macro_ovr_auc(y, prob) == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    # a fold without class 3: the mean over classes 0-2, each against the rest
+    keep = y != 3
+    expect = np.mean([roc_auc_score(y[keep] == c, prob[keep, c]) for c in range(3)])
+    assert macro_ovr_auc(y[keep], prob[keep]) == pytest.approx(expect)
+    assert np.isnan(macro_ovr_auc(np.zeros(5, int), prob[:5]))
+    with pytest.raises(ValueError, match="outside"):
+        macro_ovr_auc(np.array([0, 4]), prob[:2])
