@@ -1,4 +1,4 @@
-"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular models, survival fusion."""
+"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular models, survival fusion, UMEML."""
 
 from mmlib.models.autoencoders import ResNetAutoEnc, ResNetEncoder, ViTAutoEnc, ViTEncoder
 from mmlib.models.clip import (
@@ -17,6 +17,16 @@ from mmlib.models.fusion import (
     UnimodalSurvival,
 )
 from mmlib.models.image_tabular import FusionMLP, ImageTabularRegressor, ResNetMLP, TabularMLP, ViTMLP
+from mmlib.models.umeml import (
+    UMEML,
+    GenomicEncoder,
+    GenomicsOnly,
+    MCATFusion,
+    PatchCNN,
+    PathologyEncoder,
+    PathologyOnly,
+    SimpleFusion,
+)
 
 __all__ = [
     "CoAttentionFusion",
@@ -24,17 +34,25 @@ __all__ = [
     "CrossAttentionFusion",
     "EnsembleClassifier",
     "FusionMLP",
+    "GenomicEncoder",
+    "GenomicsOnly",
     "ImageTabularCLIP",
     "ImageTabularRegressor",
     "InteractionModule",
     "LateFusion",
+    "MCATFusion",
+    "PatchCNN",
+    "PathologyEncoder",
+    "PathologyOnly",
     "ProjectionHead",
     "ResNet3dEncoder",
     "ResNetAutoEnc",
     "ResNetEncoder",
     "ResNetMLP",
+    "SimpleFusion",
     "TabularEncoder",
     "TabularMLP",
+    "UMEML",
     "UnimodalSurvival",
     "ViTAutoEnc",
     "ViTEncoder",
