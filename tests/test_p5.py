@@ -196,3 +196,21 @@ def test_load_data_names_the_bad_file_or_column(smoke_cohort, tmp_path):
     cohort.subjects = cohort.subjects.drop(columns=["subtype"])
     with pytest.raises(ValueError, match="no subtype column"):
         p5.load_data(cohort, p5.PROFILES["smoke"])
+
+
+def test_ceiling_uses_the_planted_aggressiveness(smoke_cohort):
+    data = p5.load_data(smoke_cohort, p5.PROFILES["smoke"])
+    tab = p5.ceiling_table(data).set_index("reference")
+    from mmlib.metrics import concordance_index
+
+    agg = data.latents["aggressiveness"].to_numpy(float)
+    vals = []
+    for fold in data.folds:
+        _, test = data.split(fold)
+        ev, tm = data.survival(test)
+        vals.append(concordance_index(ev, tm, agg[test]))
+    assert tab.loc["planted aggressiveness (survival ceiling)", "survival c-index"] == \
+        f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
+    assert (data.latents["subject_id"] == data.table["subject_id"]).all()
+    data.latents = None
+    assert p5.ceiling_table(data) is None

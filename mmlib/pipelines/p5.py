@@ -36,7 +36,7 @@ from mmlib.data import Cohort
 
 __all__ = [
     "ABLATIONS", "LITERAL", "MODELS", "PAPER_REPORTED", "PROFILES", "TASKS", "CVResult", "ModelSpec", "P5Data", "P5Profile",
-    "ablation_table", "assignment_figure", "attention_figure", "build_model", "claims_table", "cohort_table",
+    "ablation_table", "assignment_figure", "attention_figure", "build_model", "ceiling_table", "claims_table", "cohort_table",
     "comparison_figure", "comparison_table", "cross_validate", "fold_metrics", "gene_group_attention",
     "load_data", "model_specs", "paper_vs_run", "prototype_recovery", "survival_cuts", "training_figure",
 ]
@@ -123,6 +123,7 @@ class P5Data:
     subtype_names: list[str]
     programs: list[np.ndarray] | None = None
     patch_rows: list[np.ndarray] = field(default_factory=list)
+    latents: pd.DataFrame | None = None
     truth: dict[str, Any] = field(default_factory=dict)
     time_unit: str = "months"
     root: Any = None
@@ -244,6 +245,7 @@ def load_data(cohort: Cohort, prof: P5Profile, *, seed: int = 0) -> P5Data:
     return P5Data(table=t, bags=bags, rna=rna, group_index=index, group_names=names,
                   grade_names=[str(c) for c in grade.cat.categories],
                   subtype_names=[str(c) for c in subtype.cat.categories], programs=programs, patch_rows=rows,
+                  latents=None if lat is None else lat.loc[t["subject_id"]].reset_index(),
                   truth=dict(cohort.truth) if cohort.manifest.truth else {}, time_unit=unit, root=cohort.root)
 
 
@@ -598,6 +600,29 @@ def paired_differences(per_fold: pd.DataFrame, reference: str = "UMEML") -> pd.D
     return pd.DataFrame(rows)
 
 
+def ceiling_table(data: P5Data) -> pd.DataFrame | None:
+    """The c-index the planted latents reach on each held-out fold (mean ± sd): what no model can beat.
+
+    Survival is generated from the aggressiveness latent alone, so its c-index is the ceiling of
+    any model's; the c-index of the grade shows how much of it the grade label already gives.
+    None for real data.
+    """
+    from mmlib.metrics import concordance_index
+
+    if data.latents is None or "aggressiveness" not in data.latents:
+        return None
+    rows = []
+    for name, score in (("planted aggressiveness (survival ceiling)", data.latents["aggressiveness"]),
+                        ("grade alone", data.table["grade"])):
+        vals = []
+        for fold in data.folds:
+            _, test = data.split(fold)
+            ev, tm = data.survival(test)
+            vals.append(concordance_index(ev, tm, np.asarray(score, float)[test]))
+        rows.append({"reference": name, "survival c-index": f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"})
+    return pd.DataFrame(rows)
+
+
 def ablation_table(per_fold: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over the folds of UMEML and its ablations."""
     names = ["UMEML"] + list(dict.fromkeys(per_fold.loc[per_fold["group"] == "ablation", "model"]))
@@ -619,9 +644,6 @@ def comparison_figure(per_fold: pd.DataFrame, *, title: str):
             ax.errorbar(v.mean(), i, xerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="o", color=colour, capsize=3)
         ax.set_title(k, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-        chance = 0.5 if ("AUC" in k or "c-index" in k) else None
-        if chance is not None:
-            ax.axvline(chance, color="grey", ls=":", lw=1)
     axes[0].set_yticks(y, models)
     axes[0].invert_yaxis()
     fig.suptitle(title)
@@ -634,17 +656,20 @@ def training_figure(history: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     cols = [c for c in history.columns if c.startswith("loss ")]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols) + 4, 3.6), squeeze=False)
+    palette = plt.get_cmap("tab20").colors
     for ax, c in zip(axes[0], cols):
-        for m, h in history.groupby("model", sort=False):
+        for j, (m, h) in enumerate(history.groupby("model", sort=False)):
             if h[c].notna().any():
                 curve = h.groupby("epoch")[c].mean()
-                ax.plot(curve.index, curve.to_numpy(), label=m, lw=2 if m == "UMEML" else 1)
+                ax.plot(curve.index, curve.to_numpy(), label=m, lw=2.5 if m == "UMEML" else 1.2,
+                        color="black" if m == "UMEML" else palette[(2 * j) % 20 + (j // 10) % 2])
         ax.set_title(c.replace("loss ", ""), fontsize=10)
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("training loss (mean over folds)")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(0.785, 0.5), frameon=False)
     return fig
 
 
@@ -693,6 +718,10 @@ def prototype_recovery(cv: CVResult, data: P5Data, prof: P5Profile, *, seed: int
     return out.reset_index()
 
 
+_SHORT = {"normal_brain": "normal", "tumour_cellular": "tumour", "necrosis": "necrosis",
+          "microvascular_proliferation": "MVP", "inflammation": "inflammation", "haemorrhage": "haemorrhage"}
+
+
 def assignment_figure(cv: CVResult, data: P5Data, *, model: str = "UMEML", n_subjects: int = 4):
     """Left: held-out patches' prototype vs true program (row-normalised contingency, all folds).
     Right: for a few held-out subjects, their H&E patches framed in the colour of their prototype."""
@@ -703,19 +732,18 @@ def assignment_figure(cv: CVResult, data: P5Data, *, model: str = "UMEML", n_sub
 
     if data.programs is None:
         return None
-    items = [(f, a) for (m, f), a in cv.assignments.items() if m == model]
+    items = sorted((f, a) for (m, f), a in cv.assignments.items() if m == model)
     if not items:
         return None
-    k = max(int(max(x.max() for x in a)) for _, a in items) + 1
-    tab = np.zeros((len(PROGRAMS), k))
-    for fold, assign in items:
-        _, test = data.split(fold)
-        for i, a in zip(test, assign):
-            np.add.at(tab, (data.programs[i], a), 1)
-    share = tab / np.maximum(tab.sum(1, keepdims=True), 1)
-    colours = plt.get_cmap("tab10" if k <= 10 else "tab20").colors
+    # one fold: each fold's model numbers its prototypes its own way
     fold, assign = items[0]
     _, test = data.split(fold)
+    k = int(max(x.max() for x in assign)) + 1
+    tab = np.zeros((len(PROGRAMS), k))
+    for i, a in zip(test, assign):
+        np.add.at(tab, (data.programs[i], a), 1)
+    share = tab / np.maximum(tab.sum(1, keepdims=True), 1)
+    colours = plt.get_cmap("tab10" if k <= 10 else "tab20").colors
     grades = data.table["grade"].to_numpy()
     picks = []
     for g in np.unique(grades)[::-1]:
@@ -726,13 +754,12 @@ def assignment_figure(cv: CVResult, data: P5Data, *, model: str = "UMEML", n_sub
     gs = fig.add_gridspec(max(n_subjects, 3), n_tiles + 3)
     ax = fig.add_subplot(gs[:, :3])
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax.set_yticks(range(len(PROGRAMS)), [p.replace("_", " ").replace("microvascular proliferation", "MVP")
-                                          for p in PROGRAMS])
+    ax.set_yticks(range(len(PROGRAMS)), [_SHORT.get(p, p) for p in PROGRAMS])
     ax.set_xticks(range(k), [f"P{j}" for j in range(k)])
     for tick, j in zip(ax.get_xticklabels(), range(k)):
         tick.set_color(colours[j % len(colours)])
     ax.set_xlabel("prototype (argmax of S)")
-    ax.set_title("share of each program's patches\nper prototype (held-out folds)", fontsize=10)
+    ax.set_title(f"share of each program's patches per prototype\n(held-out fold {fold})", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.05)
     root = data.root
     for r, j in enumerate(picks):
@@ -753,7 +780,7 @@ def assignment_figure(cv: CVResult, data: P5Data, *, model: str = "UMEML", n_sub
             for s in a.spines.values():
                 s.set_edgecolor(colours[proto % len(colours)])
                 s.set_linewidth(4)
-            a.set_title(f"P{proto} · {PROGRAMS[data.programs[i][n]].split('_')[0][:8]}", fontsize=7)
+            a.set_title(f"P{proto} · {_SHORT.get(PROGRAMS[data.programs[i][n]], '?')}", fontsize=8)
             if c == 0:
                 a.set_ylabel(f"{sid}\ngrade {data.grade_names[grades[i]]}", fontsize=8)
     fig.suptitle(f"What {model}'s prototypes capture: frame = prototype, title = prototype · true program")
