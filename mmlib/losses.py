@@ -34,6 +34,13 @@ Survival losses of P4 (time-to-event heads on fused CT + EHR features):
   LogisticHazard) negative log-likelihood over K intervals; a censoring in interval j survives j.
 - :func:`discretize_times`: times to interval indices for K+1 cut points, intervals
   ``(c_j, c_{j+1}]``, out-of-range times clamped to the first or last interval.
+
+Tri-modal contrast of P3 (MoRE: reports aligned with chest X-rays and 12-lead ECGs):
+
+- :func:`info_nce`: one direction of InfoNCE, ``CE(clip_logits(a, b, tau), arange(B))``.
+- :class:`TriModalLoss`: ``1/2 L(text, xray) + 1/2 L(text, ecg)``, each ``L`` the mean of its two
+  InfoNCE directions; fixed (a buffer, MoRE: 0.02) or learnable temperature; one signal modality
+  may be left out.
 """
 
 from __future__ import annotations
@@ -48,10 +55,12 @@ from torch import nn
 __all__ = [
     "ClipLoss",
     "ImageTabularMatchingLoss",
+    "TriModalLoss",
     "clip_logits",
     "cox_ph_loss",
     "discrete_time_nll",
     "discretize_times",
+    "info_nce",
     "sample_hard_negatives",
 ]
 
@@ -625,3 +634,131 @@ def discretize_times(time: torch.Tensor, cuts: torch.Tensor | list[float]) -> to
     k = c.shape[0] - 1
     idx = torch.searchsorted(c, t.contiguous(), right=False)  # number of cuts strictly below t
     return (idx - 1).clamp(0, k - 1).long()
+
+
+# --------------------------------------------------------------------------- tri-modal contrast (P3)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """One direction of InfoNCE: each row ``a_i`` must pick its partner ``b_i`` among all rows of ``b``.
+
+    ``mean_i -log softmax_j(cos(a_i, b_j) / tau)[i]``: cross-entropy of :func:`clip_logits`
+    ``(a, b, tau)`` against the targets ``arange(B)``, on L2-normalised embeddings. The other
+    direction is ``info_nce(b, a, tau)``.
+
+    Args:
+        a: (B, D) queries.
+        b: (B, D) keys, row i paired with ``a[i]``.
+        temperature: positive float or scalar tensor (a tensor keeps its gradient).
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: if ``a`` and ``b`` are not (B, D) tensors of one shape with B >= 1, or a float
+            temperature is not positive.
+    """
+    for name, z in (("a", a), ("b", b)):
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] < 1:
+            raise ValueError(f"info_nce expects {name} of shape (B, D) with B >= 1, got {_shape(z)}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"info_nce needs paired embeddings of one shape, got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    logits = clip_logits(a, b, temperature)
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+class TriModalLoss(nn.Module):
+    """MoRE's contrastive loss between reports and two signal modalities (P3: chest X-ray and 12-lead ECG).
+
+    ``loss = 1/2 L(text, xray) + 1/2 L(text, ecg)`` with the symmetric InfoNCE
+    ``L(t, x) = 1/2 [info_nce(t, x) + info_nce(x, t)]``, the *mean* of the two directions
+    (text -> signal and signal -> text). The X-ray and ECG embeddings are contrasted with the
+    text only, never with each other. With ``xray=None`` or ``ecg=None`` the loss is the one
+    remaining term (the "two vs three modalities" ablation).
+
+    Temperature: MoRE's public code uses tau = 0.02 and declares it learnable but never updates
+    it, so it is effectively fixed. ``learnable=False`` stores ``log(1 / tau)`` as a buffer (saved
+    in the state dict, seen by no optimizer, so it never changes); ``learnable=True`` makes it a
+    parameter and, as CLIP does, clamps the scale ``1 / tau`` to ``[1, max_logit_scale]`` in the
+    forward pass (no gradient once clamped). Either way the state-dict key is ``log_logit_scale``.
+
+    Under ``torch.distributed`` nothing is gathered: each rank contrasts its own batch (for the
+    global-batch recipe use :class:`ClipLoss` per pair).
+
+    Args:
+        temperature: tau (MoRE: 0.02), or the initial value when learnable.
+        learnable: learn ``log(1 / tau)``.
+        max_logit_scale: upper bound on ``1 / tau`` when learnable (CLIP: 100).
+
+    Raises:
+        ValueError: if ``temperature`` or ``max_logit_scale`` is not positive, or a learnable
+            temperature would start clamped (``1 / tau`` outside ``[1, max_logit_scale]``).
+    """
+
+    def __init__(self, temperature: float = 0.02, learnable: bool = False, max_logit_scale: float = 100.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not max_logit_scale >= 1:
+            raise ValueError(f"max_logit_scale must be >= 1, got {max_logit_scale}")
+        if learnable and not 1.0 <= 1.0 / temperature <= max_logit_scale:
+            raise ValueError(
+                f"learnable temperature={temperature} gives logit scale {1.0 / temperature:g} outside "
+                f"[1, max_logit_scale={max_logit_scale:g}]: it would start clamped and never be learnt"
+            )
+        self.learnable = bool(learnable)
+        self.max_logit_scale = float(max_logit_scale)
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if self.learnable:
+            self.log_logit_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_logit_scale", log_scale)
+
+    def logit_scale(self) -> torch.Tensor:
+        """``1 / tau`` as a scalar tensor (clamped to ``[1, max_logit_scale]`` and differentiable when learnable)."""
+        scale = self.log_logit_scale.exp()
+        return scale.clamp(1.0, self.max_logit_scale) if self.learnable else scale
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        xray: torch.Tensor | None = None,
+        ecg: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss of B paired (report, X-ray, ECG) embeddings (row i of each is study i).
+
+        Args:
+            text: (B, D) report embeddings (projected).
+            xray: (B, D) X-ray embeddings, or None to leave the X-ray term out.
+            ecg: (B, D) ECG embeddings, or None to leave the ECG term out.
+
+        Returns:
+            Dict with ``loss`` (scalar), ``text_xray`` and ``text_ecg`` (the symmetric InfoNCE of
+            each pair; a key is absent when its modality is None) and ``temperature`` (detached
+            scalar float tensor).
+
+        Raises:
+            ValueError: if both ``xray`` and ``ecg`` are None, or the given embeddings are not
+                (B, D) tensors of one shape with B >= 1.
+        """
+        if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.shape[0] < 1:
+            raise ValueError(f"TriModalLoss expects text of shape (B, D) with B >= 1, got {_shape(text)}")
+        if xray is None and ecg is None:
+            raise ValueError("TriModalLoss needs xray, ecg or both, got neither")
+        for name, z in (("xray", xray), ("ecg", ecg)):
+            if z is not None and (not isinstance(z, torch.Tensor) or z.shape != text.shape):
+                raise ValueError(
+                    f"TriModalLoss expects {name} of the text's shape {tuple(text.shape)}, got {_shape(z)}"
+                )
+        temperature = 1.0 / self.logit_scale().to(device=text.device, dtype=text.dtype)
+        labels = torch.arange(text.shape[0], device=text.device)
+        out: dict[str, torch.Tensor] = {}
+        for key, z in (("text_xray", xray), ("text_ecg", ecg)):
+            if z is not None:
+                logits = clip_logits(text, z, temperature)  # text -> signal rows; its transpose: signal -> text
+                out[key] = 0.5 * F.cross_entropy(logits, labels) + 0.5 * F.cross_entropy(logits.T, labels)
+        terms = list(out.values())
+        loss = terms[0] if len(terms) == 1 else 0.5 * terms[0] + 0.5 * terms[1]
+        return {"loss": loss, **out, "temperature": temperature.detach().float()}
