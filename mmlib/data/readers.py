@@ -486,18 +486,14 @@ def preprocess_ecg(
     highpass_hz: float = 0.5,
     filter_order: int = 3,
 ) -> ECG:
-    """The P3 (MoRE) ECG preprocessing: resample, remove baseline wander, scale, fix length.
+    """The P3 (MoRE) ECG preprocessing of an :class:`ECG`: resample, remove baseline wander, fix length, scale.
 
-    1. Non-finite samples (WFDB gaps) are set to 0.
-    2. Resample to ``target_fs`` with a polyphase filter (``scipy.signal.resample_poly``, which
-       low-passes before decimating: no aliasing); the ends are extended along a fitted line
-       rather than with zeros, so a lead that starts off zero (drift) gets no edge step.
-    3. Baseline-wander removal: zero-phase Butterworth high-pass at ``highpass_hz``
-       (``sosfiltfilt``, so the waves are not shifted in time; the ends are extended by odd
-       reflection over one period of the cut-off, which keeps edge transients small).
-    4. Crop to the first ``duration_s`` seconds or zero-pad at the end.
-    5. Per-lead scaling to [-1, 1]: each lead is divided by its maximum absolute value, which keeps
-       the sign (and the polarity of the waves) and the zero line; an all-zero lead stays zero.
+    Non-finite samples (WFDB gaps) are set to 0, then the array goes through
+    :func:`mmlib.ecg.preprocess_ecg`: polyphase resampling to ``target_fs`` (low-pass before
+    decimating), a zero-phase Butterworth high-pass at ``highpass_hz`` whose ends are extended
+    along a fitted line (so a record ending inside a QRS gets no ringing step), the first
+    ``duration_s`` seconds (zero-padded at the end when shorter), and each lead divided by its
+    maximum absolute value (sign and zero line kept; an all-zero lead stays zero).
 
     Args:
         ecg: the raw ECG (mV).
@@ -509,28 +505,15 @@ def preprocess_ecg(
     Returns:
         A new :class:`ECG`, ``signal`` ``(leads, round(target_fs * duration_s))``, unitless in [-1, 1].
     """
-    from scipy import signal as sps
+    from mmlib.ecg import preprocess_ecg as preprocess_array
 
     if not target_fs > 0 or not duration_s > 0:
         raise ValueError(f"target_fs and duration_s must be > 0, got {target_fs!r}, {duration_s!r}")
+    if highpass_hz and not 0 < highpass_hz < target_fs / 2:
+        raise ValueError(f"highpass_hz must be in (0, {target_fs / 2}) Hz, got {highpass_hz!r}")
     x = np.nan_to_num(ecg.signal.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    ratio = Fraction(float(target_fs) / float(ecg.fs)).limit_denominator(1000)
-    if ratio != 1:
-        x = sps.resample_poly(x, ratio.numerator, ratio.denominator, axis=1, padtype="edge")
-    if highpass_hz:
-        if not 0 < highpass_hz < target_fs / 2:
-            raise ValueError(f"highpass_hz must be in (0, {target_fs / 2}) Hz, got {highpass_hz!r}")
-        sos = sps.butter(filter_order, highpass_hz, btype="highpass", fs=target_fs, output="sos")
-        padlen = min(int(round(target_fs / highpass_hz)), x.shape[1] - 1)
-        if padlen > 0:
-            x = sps.sosfiltfilt(sos, x, axis=1, padlen=padlen)
-    n = int(round(target_fs * duration_s))
-    if x.shape[1] >= n:
-        x = x[:, :n]
-    else:
-        x = np.pad(x, ((0, 0), (0, n - x.shape[1])))
-    peak = np.abs(x).max(axis=1, keepdims=True)
-    x = np.divide(x, peak, out=np.zeros_like(x), where=peak > 0)
+    x = preprocess_array(x, ecg.fs, target_fs=target_fs, n_samples=int(round(target_fs * duration_s)),
+                         cutoff_hz=highpass_hz or None, order=filter_order)
     return replace(
         ecg,
         signal=x.astype(np.float32),
