@@ -1,4 +1,4 @@
-"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular models, survival fusion, UMEML."""
+"""Networks: encoders, autoencoders for self-supervised pretraining, image-tabular models, survival fusion, UMEML, MoRE."""
 
 from mmlib.models.autoencoders import ResNetAutoEnc, ResNetEncoder, ViTAutoEnc, ViTEncoder
 from mmlib.models.clip import (
@@ -17,6 +17,7 @@ from mmlib.models.fusion import (
     UnimodalSurvival,
 )
 from mmlib.models.image_tabular import FusionMLP, ImageTabularRegressor, ResNetMLP, TabularMLP, ViTMLP
+from mmlib.models.more import ECGTransformer, TransformerEncoder, XrayViT
 from mmlib.models.umeml import (
     UMEML,
     GenomicEncoder,
@@ -32,6 +33,7 @@ __all__ = [
     "CoAttentionFusion",
     "ContrastiveFusion",
     "CrossAttentionFusion",
+    "ECGTransformer",
     "EnsembleClassifier",
     "FusionMLP",
     "GenomicEncoder",
@@ -52,9 +54,11 @@ __all__ = [
     "SimpleFusion",
     "TabularEncoder",
     "TabularMLP",
+    "TransformerEncoder",
     "UMEML",
     "UnimodalSurvival",
     "ViTAutoEnc",
     "ViTEncoder",
     "ViTMLP",
+    "XrayViT",
 ]
