@@ -48,6 +48,9 @@ import torch
 from torch import nn
 
 from mmlib.core import positive_int
+from mmlib.models._checks import dtype_suffix as _dtype
+from mmlib.models._checks import positive_ints as _pos
+from mmlib.models._checks import shape_of as _shape
 from mmlib.models.fusion import CrossAttentionBlock
 from mmlib.modularity import cosine_assignment, modularity_loss, subsample_nodes
 
@@ -71,25 +74,6 @@ ASSIGN_TO = ("queries", "outputs")
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _dtype(x: object) -> str:
-    return f" {x.dtype}" if isinstance(x, torch.Tensor) else ""
-
-
-def _pos(owner: str, **values: object) -> tuple[int, ...]:
-    """The values as positive ints, or a ValueError naming the first bad one."""
-    out = []
-    for name, v in values.items():
-        n = positive_int(v)
-        if n is None:
-            raise ValueError(f"{owner}: {name} must be a positive integer, got {v!r}")
-        out.append(n)
-    return tuple(out)
 
 
 def _nonneg(owner: str, **values: object) -> None:
