@@ -88,10 +88,12 @@ run.table(counts, "cohort", caption="Subjects, grades, deaths and bag sizes per 
 if cohort.manifest.truth:
     from mmlib.cohorts import glioma
 
-    tour = glioma.tour_figures(cohort)
-    for name in ("histology_mosaic", "gene_group_heatmap"):
-        run.figure(tour[name], name, caption={"histology_mosaic": "Generated H&E patches by WHO grade",
-                                              "gene_group_heatmap": "Gene-group scores by molecular subtype"}[name])
+    captions = {"histology_mosaic": "Generated H&E patches by WHO grade",
+                "gene_group_heatmap": "Gene-group scores by molecular subtype",
+                "tissue_programs_by_grade": "Tissue-program mix of the bags by grade (true per-patch programs)",
+                "km_by_grade": "Kaplan-Meier overall survival by grade"}
+    for name, fig in glioma.tour_figures(cohort).items():
+        run.figure(fig, name, caption=captions.get(name, name))
     plt.show()
 print(f"{len(data.table)} subjects; {len(data.group_names)} gene groups of "
       f"{[len(g) for g in data.group_index]} genes; patches per bag {data.table['n_patches'].min()}-"

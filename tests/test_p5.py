@@ -151,6 +151,9 @@ def test_paired_differences_and_claims_on_a_known_table():
     table = p5.comparison_table(per_fold)
     assert list(table["model"]) == ["UMEML", "pathology only"]
     assert table.loc[0, "grade AUC"] == "0.720 ± 0.016"
+    pvr = p5.paper_vs_run(per_fold).set_index("quantity")
+    assert pvr.loc["grading AUC", "this run"] == "72.00% ± 1.58"  # percent, as the paper prints it
+    assert pvr.loc["grading AUC", "paper reported"] == "92.12%"
 
 
 @pytest.fixture(scope="module")

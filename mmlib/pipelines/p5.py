@@ -875,12 +875,13 @@ PAPER_REPORTED = pd.DataFrame([
 
 
 def _summary(per_fold: pd.DataFrame, model: str, metric: str) -> str:
-    v = per_fold.loc[per_fold["model"] == model, metric]
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+    """Mean ± sd over folds in percent, as the paper prints its numbers."""
+    v = 100 * per_fold.loc[per_fold["model"] == model, metric]
+    return f"{v.mean():.2f}% ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
 def paper_vs_run(per_fold: pd.DataFrame) -> pd.DataFrame:
-    """The paper's reported numbers beside UMEML's on this data (mean ± sd over folds)."""
+    """The paper's reported numbers beside UMEML's on this data (mean ± sd over folds, in percent)."""
     return pd.DataFrame([
         {"quantity": "grading accuracy", "paper reported": "77.56%", "this run": _summary(per_fold, "UMEML", "grade accuracy")},
         {"quantity": "grading AUC", "paper reported": "92.12%", "this run": _summary(per_fold, "UMEML", "grade AUC")},
