@@ -54,6 +54,7 @@ __all__ = [
     "CrossAttentionFusion",
     "LateFusion",
     "UnimodalSurvival",
+    "feed_forward",
     "masked_mean",
 ]
 
@@ -350,6 +351,12 @@ class ContrastiveFusion(nn.Module):
 # --------------------------------------------------------------------------- attention fusion
 
 
+def feed_forward(dim: int, mlp_ratio: int, dropout: float) -> nn.Sequential:
+    """The transformer blocks' MLP: Linear -> GELU -> Dropout -> Linear -> Dropout, ``mlp_ratio * dim`` hidden."""
+    return nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+
+
 class CrossAttentionBlock(nn.Module):
     """Pre-LN cross-attention block: ``x <- x + Attn(LN(x), LN(c)); x <- x + MLP(LN(x))``.
 
@@ -379,8 +386,7 @@ class CrossAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
         self.drop = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.mlp = feed_forward(dim, mlp_ratio, dropout)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None

@@ -44,6 +44,7 @@ from torch import nn
 from mmlib.models._checks import dtype_suffix as _dtype
 from mmlib.models._checks import positive_ints as _pos
 from mmlib.models._checks import shape_of as _shape
+from mmlib.models.fusion import feed_forward
 
 __all__ = [
     "DROPKEY_MODES",
@@ -188,8 +189,7 @@ class DropKeyBlock(nn.Module):
         self.attn = DropKeyAttention(dim, n_heads, dropkey)
         self.drop = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.mlp = feed_forward(dim, mlp_ratio, dropout)
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False

@@ -51,7 +51,7 @@ from mmlib.core import positive_int
 from mmlib.models._checks import dtype_suffix as _dtype
 from mmlib.models._checks import positive_ints as _pos
 from mmlib.models._checks import shape_of as _shape
-from mmlib.models.fusion import CrossAttentionBlock
+from mmlib.models.fusion import CrossAttentionBlock, feed_forward
 from mmlib.modularity import cosine_assignment, modularity_loss, subsample_nodes
 
 __all__ = [
@@ -220,8 +220,7 @@ class SelfAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(dim, n_heads, dropout=0.0, batch_first=True)
         self.drop = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.mlp = feed_forward(dim, mlp_ratio, dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, dim) tokens -> updated tokens (B, L, dim) and attention weights (B, n_heads, L, L)."""
