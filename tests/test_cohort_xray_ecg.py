@@ -11,15 +11,18 @@ from PIL import Image
 from mmlib.cohorts.base import recorded_checksums
 from mmlib.cohorts.xray_ecg import (
     ECG_CLASSES,
+    FINDING_BITS,
     LEADS,
     NEGATION_CUES,
     UNCERTAINTY_CUES,
     XRAY_FINDINGS,
     XrayECGReports,
     ecg_features,
+    finding_mask,
     measure_ctr,
     planted_effect_checks,
     read_ecg,
+    render_xray,
     report_labels,
 )
 
@@ -47,11 +50,12 @@ def checks(cohort):
 
 
 def test_manifest_columns_splits_and_truth(cohort):
-    # every subject has 5 files: PNG, ECG .dat and .hea, two reports
-    assert sum(k.startswith(("xray/", "ecg/", "reports/")) for k in recorded_checksums(cohort.root)) == 5 * len(cohort)
+    # every subject has 6 files: PNG, ECG .dat and .hea, two reports, findings mask
+    sums = recorded_checksums(cohort.root)
+    assert sum(k.startswith(("xray/", "ecg/", "reports/", "masks/")) for k in sums) == 6 * len(cohort)
     m = cohort.manifest
-    assert [mod.name for mod in m.modalities] == ["xray", "ecg", "report", "ecg_statement"]
-    assert [mod.format for mod in m.modalities] == ["png", "wfdb", "text", "text"]
+    assert [mod.name for mod in m.modalities] == ["xray", "ecg", "report", "ecg_statement", "findings_mask"]
+    assert [mod.format for mod in m.modalities] == ["png", "wfdb", "text", "text", "png"]
     assert m.labels == [*XRAY_FINDINGS, *ECG_CLASSES]
     sub = cohort.subjects
     assert len(sub) == EFFECT_KNOBS["n_subjects"] and sub["subject_id"].iloc[0] == "sub-0001"
@@ -103,6 +107,73 @@ def test_no_signal_no_effect(null_cohort):
     assert df.loc[text, "present"].all()
     assert not df.loc[~text, "present"].any(), df
     assert (np.abs(df.loc[~text, "value"] - df.loc[~text, "chance"]) < 0.12).all(), df
+
+
+@pytest.fixture(scope="module")
+def masks(cohort):
+    """(N, S, S) uint8 findings masks and (N, S, S) float X-rays, read from the files."""
+    xr = np.stack([np.asarray(Image.open(p), dtype=float) for p in cohort.paths("xray")])
+    imgs = [Image.open(p) for p in cohort.paths("findings_mask")]
+    assert all(im.mode == "L" for im in imgs)
+    return np.stack([np.asarray(im) for im in imgs]), xr
+
+
+def test_findings_mask_files_and_bits(cohort, masks):
+    mk, xr = masks
+    assert mk.shape == xr.shape and mk.dtype == np.uint8
+    assert all(p.is_file() for p in cohort.paths("findings_mask"))
+    assert cohort.subjects["findings_mask"].str.fullmatch(r"masks/sub-\d{4}_findings\.png").all()
+    assert not (mk & ~np.uint8(sum(FINDING_BITS.values()))).any()  # only the 4 finding bits
+    lat = cohort.latents()
+    for f in XRAY_FINDINGS:  # a bit is set if and only if the finding is truly present (not the noisy label)
+        present = lat[f"true_{f}"].astype(bool).to_numpy()
+        nonempty = np.array([finding_mask(m, f).any() for m in mk])
+        np.testing.assert_array_equal(nonempty, present, err_msg=f)
+    # the labels disagree with the true findings somewhere (label noise), and the masks follow the truth
+    assert any((cohort.subjects[f].to_numpy() != lat[f"true_{f}"].astype(int).to_numpy()).any() for f in XRAY_FINDINGS)
+
+
+def test_findings_mask_locates_the_planted_findings(cohort, masks):
+    mk, xr = masks
+    lat = cohort.latents()
+    _, size, _ = mk.shape
+    # effusion: on the recorded side (patient's right = image left) and in the lower half of the image
+    eff = lat["true_pleural_effusion"].astype(bool).to_numpy()
+    for i in np.flatnonzero(eff):
+        rows, cols = np.nonzero(finding_mask(mk[i], "pleural_effusion"))
+        assert rows.min() >= size // 2, i
+        side = lat.loc[i, "effusion_side"]
+        left, right = (cols < size / 2).any(), (cols >= size / 2).any()
+        assert (left, right) == {"right": (True, False), "left": (False, True), "bilateral": (True, True)}[side], i
+    # the fluid is in the image where the mask says: brighter than the same pixels of patients without effusion
+    gain = []
+    for i in np.flatnonzero(eff):
+        m = finding_mask(mk[i], "pleural_effusion")
+        gain.append(xr[i][m].mean() - xr[~eff][:, m].mean())
+    assert np.median(gain) > 20 and np.mean(np.array(gain) > 0) > 0.9, gain
+    # heart: wider (as a fraction of the image) with cardiomegaly than without
+    cm = lat["true_cardiomegaly"].astype(bool).to_numpy()
+    width = np.array([finding_mask(m, "cardiomegaly").sum(axis=1).max() / size for m in mk[cm]])
+    # ctr_rendered was measured on the same heart silhouette: the implied thorax spans 65-85% of the image
+    assert np.all(np.abs(width / lat.loc[cm, "ctr_rendered"].to_numpy() - 0.75) < 0.1)
+    others = []  # the heart silhouette the others' images show, drawn into a mask by flagging cardiomegaly
+    for i, row in enumerate(lat.loc[~cm].head(60).to_dict(orient="records")):
+        _, _, m = render_xray({**row, "true_cardiomegaly": True}, np.random.default_rng(i), size,
+                              image_signal=1.0, noise_sd=1.0)
+        others.append(finding_mask(m, "cardiomegaly").sum(axis=1).max() / size)
+    assert width.mean() > np.mean(others) + 0.06, (width.mean(), np.mean(others))
+    # edema and atelectasis masks lie inside the thorax, not at the image border
+    for f in ("edema", "atelectasis"):
+        assert not any(finding_mask(m, f)[[0, -1]].any() or finding_mask(m, f)[:, [0, -1]].any() for m in mk), f
+
+
+def test_finding_mask_decodes_bits():
+    mask = np.array([[0, 1, 2, 4, 8, 15]], dtype=np.uint8)
+    assert finding_mask(mask, "atelectasis").tolist() == [[False, True, False, False, False, True]]
+    assert finding_mask(mask, "pleural_effusion").tolist() == [[False, False, False, False, True, True]]
+    assert set(FINDING_BITS) == set(XRAY_FINDINGS)
+    with pytest.raises(ValueError, match="pneumothorax"):
+        finding_mask(mask, "pneumothorax")
 
 
 def test_ctr_measured_from_png(cohort):

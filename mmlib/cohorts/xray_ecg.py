@@ -56,12 +56,15 @@ if TYPE_CHECKING:
 __all__ = [
     "CONDITIONS",
     "ECG_CLASSES",
+    "FINDING_BITS",
     "LEADS",
     "PRESETS",
     "XRAY_FINDINGS",
     "Knobs",
     "XrayECGReports",
     "ecg_features",
+    "ecg_figure",
+    "finding_mask",
     "measure_ctr",
     "planted_effect_checks",
     "presets",
@@ -71,6 +74,8 @@ __all__ = [
 ]
 
 XRAY_FINDINGS = ("atelectasis", "cardiomegaly", "edema", "pleural_effusion")
+# bit of each X-ray finding in the per-subject findings mask (masks/<id>_findings.png)
+FINDING_BITS = {"atelectasis": 1, "cardiomegaly": 2, "edema": 4, "pleural_effusion": 8}
 ECG_CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")  # PTB-XL diagnostic superclasses
 CONDITIONS = ("hypertensive_heart_disease", "heart_failure", "prior_mi", "conduction_disease", "lung_process")
 LEADS = tuple(STANDARD_LEADS)  # I, II, III, aVR, aVL, aVF, V1-V6
@@ -197,12 +202,33 @@ def _soft(d: np.ndarray, edge: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(d / edge, -30, 30)))
 
 
+def finding_mask(mask: np.ndarray, finding: str) -> np.ndarray:
+    """Where one X-ray finding was planted, decoded from a bit-coded findings mask.
+
+    Args:
+        mask: (H, W) uint8 findings mask (``masks/<id>_findings.png``, bits in ``FINDING_BITS``).
+        finding: one of ``XRAY_FINDINGS``.
+
+    Returns:
+        (H, W) bool.
+    """
+    if finding not in FINDING_BITS:
+        raise ValueError(f"unknown X-ray finding {finding!r}; choose one of {list(FINDING_BITS)}")
+    return (np.asarray(mask).astype(np.uint8) & FINDING_BITS[finding]) > 0
+
+
 def render_xray(subject: dict[str, Any], rng: np.random.Generator, size: int, *, image_signal: float,
-                noise_sd: float) -> tuple[np.ndarray, dict[str, float]]:
+                noise_sd: float) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
     """A PA chest radiograph phantom with the subject's findings.
 
     Returns:
-        (size, size) uint8 image (bright = attenuating) and measured geometry (``ctr_rendered``).
+        (size, size) uint8 image (bright = attenuating), measured geometry (``ctr_rendered``), and a
+        (size, size) uint8 findings mask with a ``FINDING_BITS`` bit set where a truly present
+        (``true_*``) finding is drawn: the heart silhouette > 0.5 (cardiomegaly); the bat-wing core,
+        bat x lung > 0.5 (edema); and the effusion and atelectasis regions with their sigmoid edges
+        made sharp (every soft factor > 0.5, i.e. inside the drawn shape) within lung > 0.5. The
+        product of the blurred factors would miss thin plates and small effusions at 64 px. The
+        mask is the same whatever ``image_signal`` is (0: the pixels carry nothing there).
     """
     s = subject
     c = (np.arange(size) - (size - 1) / 2) / (size / 2)
@@ -251,14 +277,22 @@ def render_xray(subject: dict[str, Any], rng: np.random.Generator, size: int, *,
     att += 0.035 * np.clip(vessels, 0, None) * lung * np.exp(-np.abs(np.abs(x) - 0.2) / 0.4)
 
     sig = image_signal
+    # where each finding is: its region with hard edges (every soft factor > 0.5), within the lung;
+    # no random draw feeds it, so the image does not change
+    mask = np.zeros((size, size), dtype=np.uint8)
+    in_lung = lung > 0.5
+    if s["true_cardiomegaly"]:
+        mask[heart > 0.5] |= FINDING_BITS["cardiomegaly"]
     if s["true_pleural_effusion"]:
         sides = {"right": (-1,), "left": (1,), "bilateral": (-1, 1)}[s["effusion_side"]]
         for side in sides:
             surface = 0.92 - s["effusion_size"] * 1.4 - 0.15 * (np.abs(x) / half_w) ** 2
             att += 0.36 * sig * _soft(surface - y, e) * lung * (np.sign(x) == side)
+            mask[(y > surface) & in_lung & (np.sign(x) == side)] |= FINDING_BITS["pleural_effusion"]
     if s["true_edema"]:
         bat = np.exp(-(((np.abs(x) - 0.2) / 0.22) ** 2 + ((y - 0.1) / 0.28) ** 2) / 2)
         att += sig * s["edema_severity"] * (0.16 * bat + 0.04) * lung
+        mask[bat * lung > 0.5] |= FINDING_BITS["edema"]
     if s["true_atelectasis"]:
         cx, cy_ = _LOBE_XY[s["atelectasis_lobe"]]
         a = np.deg2rad(s["atelectasis_angle_deg"])
@@ -266,16 +300,19 @@ def render_xray(subject: dict[str, Any], rng: np.random.Generator, size: int, *,
         across = -(x - cx) * np.sin(a) + (y - cy_) * np.cos(a)
         if s["atelectasis_shape"] == "plate":  # plate-like (discoid) band
             region = _soft(np.abs(across) - 0.035, 2 * e) * _soft(np.abs(along) - 0.18, 2 * e)
+            inside = (np.abs(across) < 0.035) & (np.abs(along) < 0.18)
         else:  # segmental wedge, widening towards the pleura
             half = 0.03 + 0.25 * np.clip(along + 0.15, 0, None)
             region = _soft(np.abs(across) - half, 4 * e) * _soft(np.abs(along) - 0.15, 4 * e)
+            inside = (np.abs(across) < half) & (np.abs(along) < 0.15)
         att += 0.26 * sig * s["atelectasis_severity"] * region * lung
+        mask[inside & in_lung] |= FINDING_BITS["atelectasis"]
 
     img = np.clip(att, 0, 1) ** rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.25) + rng.normal(0.0, 0.03)
     img = ndimage.gaussian_filter(img, 0.5 * size / 128) + rng.normal(0, 0.02 * noise_sd, img.shape)
     out = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
     widths = [(m > 0.5).sum(axis=1).max() for m in (heart, cavity * (y < dome.max()))]
-    return out, {"ctr_rendered": float(widths[0] / max(widths[1], 1))}
+    return out, {"ctr_rendered": float(widths[0] / max(widths[1], 1))}, mask
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -723,6 +760,7 @@ class XrayECGReports(CohortGenerator):
                    "(heart failure, hypertensive heart disease, prior MI, conduction disease, lung process) "
                    "drive 4 X-ray findings and 5 ECG superclasses")
     presets = PRESETS
+    version = "2"  # 2: masks/<id>_findings.png (findings_mask)
 
     def plan(self, rng: np.random.Generator) -> CohortPlan:
         k = self.knobs
@@ -851,7 +889,7 @@ class XrayECGReports(CohortGenerator):
     def render_subject(self, subject: dict[str, Any], rng: np.random.Generator, files: SubjectFiles) -> dict[str, Any]:
         k = self.knobs
         sid = subject["subject_id"]
-        img, geo = render_xray(subject, rng, k.image_size, image_signal=k.image_signal, noise_sd=k.noise_sd)
+        img, geo, mask = render_xray(subject, rng, k.image_size, image_signal=k.image_signal, noise_sd=k.noise_sd)
         noisy, clean = render_ecg(subject, rng, fs=k.ecg_fs_hz, seconds=k.ecg_seconds, ecg_signal=k.ecg_signal,
                                   noise_sd=k.noise_sd)
         machine, exact = ecg_features(noisy, k.ecg_fs_hz), ecg_features(clean, k.ecg_fs_hz)
@@ -863,6 +901,7 @@ class XrayECGReports(CohortGenerator):
                               comments=[f"age: {int(subject['age'])}", f"sex: {subject['sex']}"]),
             "report": files.text(f"reports/{sid}_cxr.txt", report),
             "ecg_statement": files.text(f"reports/{sid}_ecg.txt", statement),
+            "findings_mask": files.png(f"masks/{sid}_findings.png", mask),
             **geo,
             "qrs_ms_clean": exact["qrs_ms"],
             "sokolow_lyon_mv_clean": exact["sokolow_lyon_mv"],
@@ -896,6 +935,9 @@ class XrayECGReports(CohortGenerator):
                          description="radiology report: FINDINGS + IMPRESSION"),
                 Modality(name="ecg_statement", column="ecg_statement", format="text",
                          description="machine ECG statement"),
+                Modality(name="findings_mask", column="findings_mask", format="png",
+                         description="where the true X-ray findings were planted, uint8 bit-coded on the xray grid: "
+                                     "1 atelectasis, 2 cardiomegaly (heart), 4 edema, 8 pleural effusion"),
             ],
             labels=[*XRAY_FINDINGS, *ECG_CLASSES],
             split_column="split",
@@ -1001,8 +1043,12 @@ def planted_effect_checks(cohort: Cohort) -> pd.DataFrame:
 _ECG_PAPER = {"minor": "#f6c8c8", "major": "#e48a8a"}
 
 
-def _ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0) -> Figure:
-    """12 panels (limb leads left, chest leads right) on ECG paper: 0.2 s x 0.5 mV major squares."""
+def ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0, units: str = "mV") -> Figure:
+    """12 panels (limb leads left, chest leads right) on ECG paper: 0.2 s x 0.5 mV major squares.
+
+    ``sig`` is (samples, 12) in the order of :data:`LEADS`; ``units`` labels the y axes (a
+    preprocessed ECG is unitless).
+    """
     import matplotlib.pyplot as plt
 
     fig, axs = plt.subplots(6, 2, figsize=(14, 11), sharex=True, sharey=True)
@@ -1022,8 +1068,9 @@ def _ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0) ->
     for ax in axs[-1]:
         ax.set_xlabel("time (s)")
     for ax in axs[:, 0]:
-        ax.set_ylabel("mV")
-    fig.suptitle(title + "  (paper: 0.04 s x 0.1 mV minor, 0.2 s x 0.5 mV major squares)", fontsize=13)
+        ax.set_ylabel(units)
+    paper = "  (paper: 0.04 s x 0.1 mV minor, 0.2 s x 0.5 mV major squares)" if units == "mV" else ""
+    fig.suptitle(title + paper, fontsize=13)
     fig.tight_layout()
     return fig
 
@@ -1066,7 +1113,7 @@ def tour_figures(cohort: Cohort) -> dict[str, Figure]:
     norm = [i for i in range(len(sub)) if sub.loc[i, "NORM"] == 1 and lat.loc[sub.loc[i, "subject_id"], "true_NORM"]]
     if norm:
         sid = sub.loc[norm[0], "subject_id"]
-        figs["ecg_normal"] = _ecg_figure(*read_ecg(cohort.root / sub.loc[norm[0], "ecg"]),
+        figs["ecg_normal"] = ecg_figure(*read_ecg(cohort.root / sub.loc[norm[0], "ecg"]),
                                          f"{sid}: normal ECG ({fs_note})")
     for c in ("CD", "MI", "HYP", "STTC"):
         hit = [i for i in range(len(sub)) if sub.loc[i, c] == 1 and lat.loc[sub.loc[i, "subject_id"], f"true_{c}"]]
@@ -1075,7 +1122,7 @@ def tour_figures(cohort: Cohort) -> dict[str, Figure]:
             detail = {"CD": lat.loc[sid, "cd_type"], "MI": f"{lat.loc[sid, 'mi_territory']} infarct",
                       "HYP": "left ventricular hypertrophy", "STTC": "ST-T change"}[c]
             labels = ", ".join(k for k in ECG_CLASSES if sub.loc[hit[0], k] == 1)
-            figs["ecg_abnormal"] = _ecg_figure(*read_ecg(cohort.root / sub.loc[hit[0], "ecg"]),
+            figs["ecg_abnormal"] = ecg_figure(*read_ecg(cohort.root / sub.loc[hit[0], "ecg"]),
                                                f"{sid}: {labels} ({detail}; {fs_note})")
             break
 
