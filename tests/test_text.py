@@ -203,6 +203,47 @@ def test_frozen_trains_nothing_and_full_trains_everything(base, frozen):
     assert table.loc["LoRA r=16", "% trainable"] == pytest.approx(100 * 147_456 / 22_712_832)
 
 
+def _perturb_adapters(enc: text.TextEncoder, seed: int) -> None:
+    """Give every trainable weight a random nudge so that the adapted model differs from the base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in enc.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_top_layers_and_frozen_cache_give_the_model_own_forward(base, frozen, mode):
+    plain = _encoder(base, mode, train_layers=2)
+    cached = _encoder(base, mode, train_layers=2, cache_frozen=True)
+    trained = {n for n, p in plain.named_parameters() if p.requires_grad}
+    assert trained and all((".layer.4." in n or ".layer.5." in n) for n in trained)  # only the last 2 of 6
+    if mode == "lora":
+        assert all("lora_" in n for n in trained) and plain.trainable_parameters()["trainable"] == 147_456 // 3
+    _perturb_adapters(plain, 0)
+    cached.load_state_dict(plain.state_dict())
+    plain.eval(), cached.eval()
+    texts = REPORTS[:3]
+    tokens = plain.tokenize(texts)
+    own = text.mean_pool(plain.model(**tokens).last_hidden_state, tokens["attention_mask"])  # transformers' forward
+    assert float((own.detach() - frozen(texts)).abs().max()) > 1e-3  # the nudged layers change the embedding
+    torch.testing.assert_close(plain(texts), own, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached(texts), own, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached(texts[::-1]), own.flip(0), atol=1e-5, rtol=1e-5)  # from the cache now
+    assert len(cached._frozen_cache) == 3 and cached._frozen_cache[texts[0]].shape[-1] == 384
+    cached.train()
+    cached(texts).pow(2).mean().backward()
+    assert all(p.grad is not None for p in cached.parameters() if p.requires_grad)
+
+
+def test_frozen_cache_in_frozen_mode_stores_the_embedding(base, frozen):
+    enc = _encoder(base, "frozen", cache_frozen=True).train()  # cached in eval mode even while training
+    torch.testing.assert_close(enc(REPORTS[:2]), frozen(REPORTS[:2]), atol=1e-6, rtol=1e-6)
+    assert enc._frozen_cache[REPORTS[0]].shape == (384,)
+    enc.clear_token_cache()
+    assert not enc._frozen_cache
+
+
 def test_bad_settings_are_refused(base):
     with pytest.raises(ValueError, match="mode must be one of"):
         text.TextEncoder("adapter", tokenizer=base[0], model=base[1])
@@ -214,6 +255,10 @@ def test_bad_settings_are_refused(base):
         text.TextEncoder("frozen", tokenizer=base[0])
     with pytest.raises(ValueError, match="encoders"):
         text.parameter_table({"x": "not a module"})
+    with pytest.raises(ValueError, match=r"train_layers must be an integer in 1\.\.6"):
+        text.TextEncoder("lora", train_layers=7, tokenizer=base[0], model=copy.deepcopy(base[1]))
+    with pytest.raises(ValueError, match="cache_frozen needs train_layers"):
+        text.TextEncoder("lora", cache_frozen=True, tokenizer=base[0], model=copy.deepcopy(base[1]))
 
 
 # --------------------------------------------------------------------------- a real pretrained model
