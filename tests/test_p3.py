@@ -45,6 +45,7 @@ def test_profiles():
     assert (full.temperature, full.learnable_temperature, full.weight_decay) == (0.02, False, 0.1)
     assert quick.lora_r == full.lora_r == 16
     assert SMOKE.epochs == 1 and full.epochs == 50
+    assert full.text_train_layers is None and quick.text_train_layers == 1  # MoRE adapts every layer; quick the last
 
 
 def test_compose_text():
@@ -171,3 +172,171 @@ def test_retrieval_table_equals_cross_modal_recall(data, trained):
                 assert len(row) == 1
                 assert row["recall"].item() == ref[f"{q}->{t} R@{k}"]
                 assert row["chance"].item() == ref[f"chance@{k}"]
+
+
+# --------------------------------------------------------------------------- baselines, ablations, attention, claims
+
+
+def test_standardise_xray_per_image():
+    x = torch.rand(3, 1, 8, 8) * torch.tensor([1.0, 0.2, 5.0]).view(3, 1, 1, 1) + torch.tensor([0.0, 0.7, -2.0]).view(
+        3, 1, 1, 1)
+    z = p3.standardise_xray(x)
+    torch.testing.assert_close(z.mean(dim=(-2, -1)), torch.zeros(3, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(dim=(-2, -1)), torch.ones(3, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(p3.standardise_xray(3 * x + 1), z, atol=1e-4, rtol=0)  # exposure-invariant
+
+
+def test_text_parameter_table_counts_the_paper_lora():
+    table = p3.text_parameter_table(p3.PROFILES["quick"])
+    lora = table.loc["LoRA r=16, query/value, every layer (MoRE)"]
+    assert lora["trainable"] == 6 * 2 * 2 * 16 * 384  # 6 layers x (query, value) x (A, B) x r x width
+    assert lora["fewer than full (%)"] == pytest.approx(100 * (1 - 147_456 / 22_565_376))
+    assert table.loc["frozen", "trainable"] == 0 and table.loc["full fine-tuning (every layer)", "% trainable"] == 100
+    assert table.loc["LoRA r=16, last 1 layer(s) (this profile)", "trainable"] == 147_456 // 6
+
+
+def test_supervised_table_is_deterministic_and_bounded(data):
+    a = p3.supervised_table(data, SMOKE, seed=1)
+    assert a["class"].tolist() == [*p3.XRAY_FINDINGS, *p3.ECG_CLASSES]
+    v = a["auroc"].dropna()
+    assert len(v) >= 7 and v.between(0, 1).all()
+    pd.testing.assert_frame_equal(a, p3.supervised_table(data, SMOKE, seed=1))
+
+
+def test_finding_masks_and_attention_scores(cohort, data, trained, monkeypatch):
+    from mmlib.cohorts.xray_ecg import FINDING_BITS
+
+    model, _ = trained
+    masks = p3.load_finding_masks(cohort, data)
+    lat = cohort.latents().set_index("subject_id").loc[data.table["subject_id"]]
+    for f, bit in FINDING_BITS.items():
+        has = ((masks & bit) > 0).reshape(len(masks), -1).any(1)
+        np.testing.assert_array_equal(has, lat[f"true_{f}"].to_numpy().astype(bool))
+    maps = p3.xray_attention_maps(model, data, data.index("test")[:3], size=masks.shape[-1])
+    assert maps.shape == (3, *masks.shape[1:]) and (maps >= 0).all()
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+    # a uniform map puts exactly the mask's area inside it: lift 1; a map on the mask: lift 1 / area, pointing hit
+    size = masks.shape[-1]
+    monkeypatch.setattr(p3, "xray_attention_maps",
+                        lambda m, d, idx, size=size, **k: np.full((len(idx), size, size), 1.0 / size**2))
+    uniform = p3.attention_scores(model, data, masks)
+    np.testing.assert_allclose(uniform["lift"], 1.0, rtol=1e-9)
+    np.testing.assert_allclose(uniform["mass in finding"], uniform["area"], rtol=1e-9)
+    test = data.index("test")
+
+    def on_effusion(m, d, idx, size=size, **k):
+        inside = ((masks[np.asarray(idx)] & FINDING_BITS["pleural_effusion"]) > 0).astype(float) + 1e-12
+        return inside / inside.sum(axis=(1, 2), keepdims=True)
+
+    monkeypatch.setattr(p3, "xray_attention_maps", on_effusion)
+    focused = p3.attention_scores(model, data, masks).set_index("finding")
+    np.testing.assert_allclose(uniform["peak / mean"], 1.0, rtol=1e-9)
+    if "pleural_effusion" in focused.index:
+        row = focused.loc["pleural_effusion"]
+        assert row["mass in finding"] == pytest.approx(1.0) and row["pointing game"] == 1.0
+        assert row["lift"] == pytest.approx(1.0 / row["area"]) and row["n"] == int(
+            ((masks[test] & FINDING_BITS["pleural_effusion"]) > 0).reshape(len(test), -1).any(1).sum())
+
+
+def test_saliency_maps_and_scores(cohort, data, trained):
+    model, _ = trained
+    masks = p3.load_finding_masks(cohort, data)
+    test = data.index("test")
+    sal = p3.xray_saliency_maps(model, data, test[:3], "edema", size=masks.shape[-1])
+    assert sal.shape == (3, *masks.shape[1:]) and (sal >= 0).all()
+    np.testing.assert_allclose(sal.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+    table = p3.attention_scores(model, data, masks, methods=("rollout", "saliency"))
+    assert set(table["method"]) == {"rollout", "saliency"}
+    assert (table.groupby("method").size() == table["finding"].nunique()).all()
+    assert table["lift"].gt(0).all() and table["pointing game"].between(0, 1).all()
+    with pytest.raises(ValueError, match="no prompts for finding 'fracture'"):
+        p3.xray_saliency_maps(model, data, test[:1], "fracture")
+    with pytest.raises(ValueError, match="methods"):
+        p3.attention_scores(model, data, masks, methods=("gradcam",))
+
+
+def test_ecg_attention_sums_to_one(data, trained):
+    model, _ = trained
+    att = p3.ecg_attention(model, data, [0, 1, 2])
+    assert att.shape == (3, SMOKE.ecg_samples) and (att >= 0).all()
+    np.testing.assert_allclose(att.sum(1), 1.0, atol=1e-5)
+
+
+def test_condition_labels_follow_the_latents(cohort, data):
+    labels = p3.condition_labels(cohort, data)
+    lat = cohort.latents().set_index("subject_id").loc[data.table["subject_id"]]
+    n_cond = lat[[c for c in lat.columns if c.startswith("cond_")]].sum(axis=1).to_numpy()
+    assert ((labels == "none") == (n_cond == 0)).all() and ((labels == "2+ conditions") == (n_cond > 1)).all()
+    one = n_cond == 1
+    assert all(lat.iloc[i][f"cond_{labels[i].replace(' ', '_')}"] for i in np.flatnonzero(one))
+
+
+def test_real_ecg_demo_reads_the_pydicom_recording(data, trained):
+    model, _ = trained
+    nearest, scores, signal = p3.real_ecg_demo(model, data, SMOKE, top=4)
+    assert signal.shape == (12, SMOKE.ecg_samples) and np.abs(signal).max() <= 1.0 + 1e-6
+    assert (np.abs(signal).max(axis=1) > 0.99).all()  # every lead scaled to [-1, 1]
+    assert len(nearest) == 4 and nearest["cosine"].is_monotonic_decreasing
+    texts = dict(zip(data.table["subject_id"], data.texts))
+    assert all(texts[s] == t for s, t in zip(nearest["subject"], nearest["text"]))
+    assert scores["class"].tolist() == list(p3.ECG_CLASSES)
+    assert scores["percentile among test ECGs"].between(0, 100).all()
+
+
+def test_run_ablations_reuses_the_main_run(data, trained):
+    table, hist = p3.run_ablations(data, SMOKE, seed=0, main=trained)
+    assert table["variant"].tolist() == list(p3.ABLATIONS)
+    assert set(hist["variant"]) == set(p3.ABLATIONS)
+    ab = table.set_index("variant")
+    main_row = p3.run_summary(trained[0], data)
+    for k, v in main_row.items():
+        assert ab.iloc[0][k] == pytest.approx(v, nan_ok=True)
+    assert np.isnan(ab.loc["text + X-ray only", "zero-shot ECG (mean AUROC)"])
+    assert np.isnan(ab.loc["text + ECG only", "text<->X-ray R@5"])
+    assert not np.isnan(ab.loc["text + ECG only", "text<->ECG R@5"])
+    # DropKey off changes training (smoke: one layer, so "linear" = "constant")
+    assert ab.loc["DropKey off", "zero-shot X-ray (mean AUROC)"] != ab.iloc[0]["zero-shot X-ray (mean AUROC)"]
+
+
+def _classification(zero_shot: float) -> pd.DataFrame:
+    classes = [*p3.XRAY_FINDINGS, *p3.ECG_CLASSES]
+    return pd.DataFrame({"modality": ["xray"] * 4 + ["ecg"] * 5, "class": classes, "n": 100, "n_positive": 20,
+                         "zero-shot": zero_shot, "zero-shot 95% lo": zero_shot - 0.1,
+                         "zero-shot 95% hi": zero_shot + 0.1,
+                         "linear probe": 0.8, "supervised from scratch": 0.85})
+
+
+def _ablations(main: float, off: float, full: float) -> pd.DataFrame:
+    rows = []
+    for name in p3.ABLATIONS:
+        v = {"DropKey off": off, "text encoder fully fine-tuned": full}.get(name, main)
+        rows.append({"variant": name, "zero-shot X-ray (mean AUROC)": v, "zero-shot ECG (mean AUROC)": v,
+                     "text<->X-ray R@5": v, "text<->ECG R@5": v, "X-ray attention lift in findings": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_claims_follow_the_numbers():
+    params = p3.text_parameter_table(SMOKE)
+    retrieval = pd.DataFrame({"query": ["text", "xray", "text", "ecg", "xray", "ecg"],
+                              "target": ["xray", "text", "ecg", "text", "ecg", "xray"], "k": 10,
+                              "recall": [0.3, 0.3, 0.4, 0.4, 0.05, 0.2], "chance": 0.1, "n": 100})
+    flat = pd.DataFrame({"method": "rollout", "finding": list(p3.XRAY_FINDINGS), "lift": 1.0, "peak / mean": 1.05,
+                         "pointing game": 0.0, "pointing chance": 0.05})
+    good = p3.claims_table(_classification(0.8), retrieval, _ablations(0.8, 0.7, 0.8), params,
+                           flat.assign(lift=2.0)).set_index("claim")
+    bad = p3.claims_table(_classification(0.5), retrieval.assign(recall=0.05), _ablations(0.6, 0.7, 0.8),
+                          params, flat).set_index("claim")
+    for claim in ("tri-modal pre-training gives useful zero-shot classification", "retrieval across modalities works",
+                  "LoRA keeps quality with a tiny fraction of trainable text parameters",
+                  "attention dropping (DropKey) helps", "attention maps show where the findings are"):
+        assert bad.loc[claim, "held"] == "no", claim
+    assert good.loc["tri-modal pre-training gives useful zero-shot classification", "held"] == "yes"
+    assert good.loc["retrieval across modalities works", "held"] == "partly"  # X-ray -> ECG below chance
+    assert good.loc["LoRA keeps quality with a tiny fraction of trainable text parameters", "held"] == "yes"
+    assert good.loc["attention dropping (DropKey) helps", "held"] == "yes"
+    assert good.loc["attention maps show where the findings are", "held"] == "yes"
+    pvr = p3.paper_vs_run(_classification(0.8), params)
+    assert list(pvr.columns) == ["quantity", "paper reported", "this run", "held on this data"]
+    assert "9/9 inside" in pvr.loc[0, "this run"]
