@@ -55,7 +55,8 @@ out_dir = "../results/p3_more_xray_ecg_text"
 
 # %%
 import matplotlib.pyplot as plt
-from IPython.display import display
+import numpy as np
+from IPython.display import Markdown, display
 
 from mmlib import core, results
 from mmlib.cohorts import open_cohort
@@ -123,6 +124,9 @@ display(params.round(3))
 with run.stage("pre-training"):
     model, history = p3.pretrain(data, prof, seed=seed, device=dev)
 run.table(history, "pretraining_history", caption="MoRE pre-training: loss per epoch (training and validation pairs)")
+display(Markdown(f"InfoNCE at chance is ln(batch size): {np.log(prof.batch_size):.2f} for the training batches of "
+                 f"{prof.batch_size}, {np.log(min(prof.eval_batch_size, len(data.index('val')))):.2f} for the "
+                 "validation pairs. The curves are in section 5, with every ablation's."))
 history.round(3)
 
 # %% [markdown]
@@ -197,6 +201,8 @@ ablations.drop(columns="seconds").set_index("variant").round(3)
 # cardiomegaly mask is the whole heart, while the evidence is its width, so its edges matter
 # more than its inside. **ECG**: the rollout over the ECG tokens, drawn over time.
 # **UMAP**: the test subjects' three embeddings in one plot, by modality and by hidden condition.
+# Expect each modality in its own region: contrastive spaces keep a "modality gap" (Liang et al.,
+# NeurIPS 2022), and what the loss aligns is the relative position of a patient within each.
 
 # %%
 if masks is not None:
