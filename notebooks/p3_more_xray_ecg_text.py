@@ -123,7 +123,9 @@ run.table(params.reset_index(), "text_parameters", caption="Trainable text-encod
 display(params.round(3))
 with run.stage("pre-training"):
     model, history = p3.pretrain(data, prof, seed=seed, device=dev)
-run.table(history, "pretraining_history", caption="MoRE pre-training: loss per epoch (training and validation pairs)")
+# wall-clock seconds stay out of the written tables (same seed -> identical tables); run.json records stage times
+run.table(history.drop(columns="seconds"), "pretraining_history",
+          caption="MoRE pre-training: loss per epoch (training and validation pairs)")
 display(Markdown(f"InfoNCE at chance is ln(batch size): {np.log(prof.batch_size):.2f} for the training batches of "
                  f"{prof.batch_size}, {np.log(min(prof.eval_batch_size, len(data.index('val')))):.2f} for the "
                  "validation pairs. The curves are in section 5, with every ablation's."))
@@ -181,8 +183,11 @@ retrieval.pivot_table(index=["query", "target"], columns="k", values="recall", s
 # %%
 with run.stage("ablations"):
     ablations, histories = p3.run_ablations(data, prof, seed=seed, device=dev, main=(model, history), masks=masks)
-run.table(ablations, "ablations", caption="Ablations: DropKey, text-encoder training, two vs three modalities")
-run.table(histories, "ablation_histories", caption="Pre-training history of every variant")
+run.table(ablations.drop(columns="seconds"), "ablations",
+          caption="Ablations: DropKey, text-encoder training, two vs three modalities")
+run.table(histories.drop(columns="seconds"), "ablation_histories", caption="Pre-training history of every variant")
+print("pre-training time per variant (s): " + ", ".join(f"{v} {t:.0f}" for v, t in zip(ablations["variant"],
+                                                                                    ablations["seconds"])))
 fig = p3.training_figure(histories)
 run.figure(fig, "pretraining_curves", caption="Main run's loss terms, and every variant's validation loss")
 plt.show()
