@@ -340,3 +340,26 @@ def test_claims_follow_the_numbers():
     pvr = p3.paper_vs_run(_classification(0.8), params)
     assert list(pvr.columns) == ["quantity", "paper reported", "this run", "held on this data"]
     assert "9/9 inside" in pvr.loc[0, "this run"]
+
+
+def test_real_data_path_without_truth_or_masks(cohort, data, trained):
+    """A real cohort has no truth card and no findings masks: every stage still runs, the ground-truth parts step aside."""
+    model, _ = trained
+    real = dataclasses.replace(cohort, subjects=cohort.subjects.drop(columns="findings_mask"),
+                               manifest=cohort.manifest.model_copy(update={"truth": None}))
+    assert p3.load_finding_masks(real, data) is None
+    assert p3.condition_labels(real, data) is None
+    fig = p3.attention_figure(model, data, None, per_finding=1)
+    assert len(fig.axes) >= 4
+    fig = p3.umap_figure(model, data, None)
+    labels = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
+    assert labels <= {"NORM ECG", "abnormal ECG"} and labels
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    classification = _classification(0.8)
+    retrieval = p3.retrieval_table(model, data)
+    ablations = _ablations(0.8, 0.7, 0.8).drop(columns="X-ray attention lift in findings")
+    claims = p3.claims_table(classification, retrieval, ablations, p3.text_parameter_table(SMOKE), None)
+    assert "attention maps show where the findings are" not in set(claims["claim"])
+    assert "attention dropping (DropKey) helps" in set(claims["claim"])
