@@ -122,8 +122,16 @@ def load_text_model(path: str | os.PathLike | None = None) -> tuple[Any, nn.Modu
             f"load_text_model needs a local model folder with a config.json (nothing is downloaded), got path={path!r}"
         )
     options = {"local_files_only": True, "trust_remote_code": False}
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(folder, **options)
-    model = AutoModel.from_pretrained(folder, **options)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 103-step "Loading weights" bar per load is noise in a notebook
+    try:
+        model = AutoModel.from_pretrained(folder, **options)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return tokenizer, model
 
 
