@@ -177,8 +177,10 @@ plt.show()
 # other regions shares causes with it (age, blood pressure, diabetes, smoking and a common
 # small-vessel factor). For each true-positive test case, we measure the share of the map's mass
 # on those voxels. We compare it with the same map shuffled over voxels (the random-map baseline),
-# and record whether the map's maximum falls on a lesion (the pointing game). The supervised
-# image model is scored beside the paper's model.
+# and record whether the map's maximum falls on a lesion (the pointing game). Grad-CAM is also
+# scored per cell of its own grid ("its own cells": a cell counts as lesion if any lesion voxel
+# is in it, the random map shuffles cells), so that a coarse map is not judged at a resolution
+# it cannot reach. The supervised image model is scored beside the paper's model.
 
 # %%
 with run.stage("gradcam"):
