@@ -12,6 +12,9 @@
   is, against what a random map gives, and the pointing game.
 - :func:`grad_cam`: Grad-CAM of one sample at any layer (P1: the last ResNet stage of a 3D
   volume), upsampled to the input grid; equal to captum's ``LayerGradCam`` + interpolation.
+- :func:`input_gradient`: the gradient with respect to the input, plain (saliency) or guided
+  (guided backpropagation; times Grad-CAM it is Guided Grad-CAM); equal to captum's
+  ``Saliency`` (before abs) and ``GuidedBackprop``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 
 from mmlib import core
 
-__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "localisation_scores", "modality_contribution", "occlusion_map",
-           "patch_grid"]
+__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "input_gradient", "localisation_scores", "modality_contribution",
+           "occlusion_map", "patch_grid"]
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -309,6 +312,25 @@ class GradCamMap:
     weights: np.ndarray
 
 
+def _explained_score(y: torch.Tensor, target: int | None) -> torch.Tensor:
+    """The scalar an explanation differentiates: ``y[0]`` of a (1,) output, ``y[0, target]`` of a (1, K) one."""
+    if not torch.is_tensor(y):
+        raise TypeError(f"forward must return a tensor, got {type(y).__name__}")
+    if y.shape[0] != 1:
+        raise ValueError(f"forward returned batch size {y.shape[0]} for one sample")
+    if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1 and target is None):
+        if target not in (None, 0):
+            raise ValueError(f"target={target} given for a single-output model (output shape {tuple(y.shape)})")
+        return y.reshape(-1)[0]
+    if y.ndim == 2:
+        if target is None:
+            raise ValueError(f"forward returns {y.shape[1]} columns: pass target= to pick one")
+        if not -y.shape[1] <= target < y.shape[1]:
+            raise IndexError(f"target {target} out of range for {y.shape[1]} columns")
+        return y[0, target]
+    raise ValueError(f"forward must return (B,) or (B, K), got {tuple(y.shape)}")
+
+
 def _interpolate_mode(ndim: int) -> str:
     modes = {1: "linear", 2: "bilinear", 3: "trilinear"}
     if ndim not in modes:
@@ -382,23 +404,7 @@ def grad_cam(
         if model is not None:
             model.eval()
         with torch.enable_grad():
-            y = forward(batch)
-            if not torch.is_tensor(y):
-                raise TypeError(f"forward must return a tensor, got {type(y).__name__}")
-            if y.shape[0] != 1:
-                raise ValueError(f"forward returned batch size {y.shape[0]} for one sample")
-            if y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1 and target is None):
-                if target not in (None, 0):
-                    raise ValueError(f"target={target} given for a single-output model (output shape {tuple(y.shape)})")
-                score = y.reshape(-1)[0]
-            elif y.ndim == 2:
-                if target is None:
-                    raise ValueError(f"forward returns {y.shape[1]} columns: pass target= to pick one")
-                if not -y.shape[1] <= target < y.shape[1]:
-                    raise IndexError(f"target {target} out of range for {y.shape[1]} columns")
-                score = y[0, target]
-            else:
-                raise ValueError(f"forward must return (B,) or (B, K), got {tuple(y.shape)}")
+            score = _explained_score(forward(batch), target)
             if not captured:
                 raise RuntimeError("the layer was not called by forward: is it part of the model?")
             act = captured[-1]
@@ -429,3 +435,84 @@ def grad_cam(
                       layer_cam=lcam[0, 0].cpu().numpy().astype(np.float32),
                       score=float(score.detach()), target=target,
                       weights=w.reshape(-1).cpu().numpy().astype(np.float32))
+
+
+# --------------------------------------------------------------------------- input gradients
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients through positive activations (Springenberg et al. 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clamp_min(0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (y > 0).to(grad.dtype)
+
+
+def input_gradient(
+    forward: Forward,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    target: int | None = None,
+    key: str = "image",
+    guided: bool = False,
+    model: torch.nn.Module | None = None,
+) -> np.ndarray:
+    """Gradient of one sample's explained output with respect to ``inputs[key]`` (signed).
+
+    ``guided=False`` is the plain gradient of saliency maps (Simonyan et al. 2014): take its
+    absolute value for a map. ``guided=True`` is guided backpropagation (Springenberg et al.
+    2015): every ``nn.ReLU`` module of ``model`` passes back only positive gradients, and only
+    where its input was positive. Multiplied by an upsampled Grad-CAM it is the Grad-CAM paper's
+    "Guided Grad-CAM". Guided maps are sharp, but Adebayo et al. (2018) showed that they change
+    little when the network's weights are randomised: they largely reconstruct the image's edges
+    and bright spots. Compare a map with the same map of an untrained network before reading it
+    as what the model learned (P1 does).
+
+    Args:
+        forward, target, key, model: as for :func:`grad_cam` (one sample; ``model`` is put in
+            eval mode during the call and restored). ``guided=True`` needs ``model`` (or an
+            ``nn.Module`` ``forward``), whose ``nn.ReLU`` modules are switched for the call;
+            ReLUs called as functions are not seen.
+
+    Returns:
+        float32 array shaped like ``inputs[key][0]`` (C, *spatial).
+    """
+    if key not in inputs:
+        raise KeyError(f"input_gradient explains inputs[{key!r}], which the batch lacks ({sorted(inputs)})")
+    x = inputs[key]
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] != 1:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"input_gradient explains one floating-point sample: inputs[{key!r}] must be (1, C, ...), "
+                         f"got {shape}")
+    if model is None and isinstance(forward, torch.nn.Module):
+        model = forward
+    relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)] if model is not None else []
+    if guided and not relus:
+        raise ValueError("guided=True needs the model (model=...) and at least one nn.ReLU module in it")
+    xg = x.detach().clone().requires_grad_(True)
+    batch = dict(inputs, **{key: xg})
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    saved = [(m, m.__dict__.get("forward")) for m in relus] if guided else []
+    try:
+        if model is not None:
+            model.eval()
+        for m, _ in saved:
+            m.forward = _GuidedReLU.apply
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(_explained_score(forward(batch), target), xg)
+    finally:
+        for m, own in saved:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+        for m, was_training in modes:
+            m.train(was_training)
+    return grad[0].detach().float().cpu().numpy()

@@ -33,8 +33,8 @@
 # 3. **Fine-tuning and the comparison table**: three supervised baselines and every pretrained
 #    model, with ROC-AUC and balanced accuracy (threshold chosen on validation, not test).
 # 4. **Alignment**: cross-modal retrieval on the test set and UMAP of the embeddings.
-# 5. **Grad-CAM**, and a finer occlusion map, on true-positive cases, scored against the lesions
-#    we planted.
+# 5. **Grad-CAM** and three finer maps on true-positive cases, scored against the lesions we
+#    planted, with the same maps of the untrained network as a sanity check.
 # 6. **Claims**: which of the paper's claims held on this data.
 #
 # The default data are the generated `stroke_mri` cohort (`data_manifest/cohorts/stroke_mri.md`).
@@ -172,24 +172,34 @@ plt.show()
 # Grad-CAM weights the last ResNet stage's feature maps by the gradient of the stroke logit and
 # upsamples the result to the volume. With ResNet-50's stem, the last stage of a `quick` volume
 # is a grid of only 2 × 2 × 2 cells, so the map can at best point to a part of one hemisphere.
+# Three finer maps sit beside it: Guided Grad-CAM (the Grad-CAM paper's high-resolution variant,
+# guided backpropagation times Grad-CAM), gradient saliency (|∂ logit / ∂ voxel|) and occlusion
+# (the drop in P(stroke) when a patch is blanked).
+#
 # Two truths are scored. The first is the set of WMH voxels inside the outcome region: only the
 # load there changes the planted risk. The second is every planted WMH voxel, since the load in
 # other regions shares causes with it (age, blood pressure, diabetes, smoking and a common
 # small-vessel factor). For each true-positive test case, we measure the share of the map's mass
-# on those voxels. We compare it with the same map shuffled over voxels (the random-map baseline),
-# and record whether the map's maximum falls on a lesion (the pointing game). Grad-CAM is also
-# scored per cell of its own grid ("its own cells": a cell counts as lesion if any lesion voxel
-# is in it, the random map shuffles cells), so that a coarse map is not judged at a resolution
-# it cannot reach. The supervised image model is scored beside the paper's model.
+# on those voxels, and compare it with the same map shuffled over voxels (the random-map baseline;
+# Grad-CAM is also scored per cell of its own grid). We also record whether the map's maximum
+# falls on a lesion (the pointing game).
+#
+# WMH are bright spots, and some maps light up bright spots whatever the network has learned
+# (Adebayo et al. 2018). So every map is also computed on the same network with random weights,
+# the initialisation fine-tuning starts from. A map shows that the model looks at the lesions
+# only if it beats both the shuffled map and the untrained network (`verdict`).
 
 # %%
 with run.stage("gradcam"):
-    cams = p1.gradcam_study(ft, data, prof, device=dev)
+    cams = p1.gradcam_study(ft, data, prof, device=dev, seed=seed)
 if cams.figure is not None:
-    run.figure(cams.figure, "gradcam_true_positive", caption=f"Grad-CAM, {cams.case_text}; cyan: planted lesions in the outcome region")
+    run.figure(cams.figure, "gradcam_true_positive", caption=f"Stroke-class maps, {cams.case_text}; cyan: planted lesions in the outcome region")
     plt.show()
-run.table(cams.scores, "gradcam_localisation", caption="Grad-CAM mass on the planted lesions vs shuffled maps, per case")
-run.table(cams.summary, "gradcam_localisation_summary", caption="Grad-CAM localisation per method: mean over true-positive test cases")
+    run.figure(cams.sanity_figure, "gradcam_sanity_check", caption=f"The paper's model trained vs untrained, {cams.case_text}")
+    plt.show()
+run.table(cams.scores, "gradcam_localisation", caption="Attribution mass on the planted lesions vs shuffled maps, per case, trained and untrained")
+run.table(cams.summary, "gradcam_localisation_summary", caption="Localisation per method and map: trained vs untrained network, mean over true-positive test cases")
+print(p1.localisation_verdict(cams.summary))
 cams.summary
 
 # %% [markdown]

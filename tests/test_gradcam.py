@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlib.explain import GradCamMap, grad_cam, localisation_scores
+from mmlib.explain import GradCamMap, grad_cam, input_gradient, localisation_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -224,3 +224,56 @@ def test_grad_cam_rejects_batches_and_missing_keys():
         grad_cam(fwd, model.stage, {"image": torch.randn(2, *SHAPE[1:])}, target=0)
     with pytest.raises(KeyError, match="volume"):
         grad_cam(fwd, model.stage, {"image": _image()}, target=0, key="volume")
+
+
+# ----------------------------------------------------------------------------- input gradients
+
+
+class TinyRelu3d(nn.Module):
+    """Every ReLU its own module (captum's GuidedBackprop hooks each module once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 5, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3, 4)))
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_input_gradient_equals_captum_saliency_and_guided_backprop(target):
+    from captum.attr import GuidedBackprop, Saliency
+
+    torch.manual_seed(3)
+    model = TinyRelu3d().eval()
+    x = _image(5)
+    plain = input_gradient(lambda b: model(b["image"]), {"image": x}, target=target, model=model)
+    guided = input_gradient(lambda b: model(b["image"]), {"image": x}, target=target, model=model, guided=True)
+    ref_plain = Saliency(model).attribute(x.clone(), target=target, abs=False)[0].numpy()
+    ref_guided = GuidedBackprop(model).attribute(x.clone(), target=target)[0].detach().numpy()
+    np.testing.assert_allclose(plain, ref_plain, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(guided, ref_guided, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(plain, guided)  # guided backprop does change the gradient on this net
+    # the ReLUs are plain again afterwards: a second plain call gives the same map
+    again = input_gradient(lambda b: model(b["image"]), {"image": x}, target=target, model=model)
+    np.testing.assert_array_equal(plain, again)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_input_gradient_restores_relus_on_error_and_needs_relus_for_guided():
+    torch.manual_seed(3)
+    model = TinyRelu3d().train()
+
+    def boom(b):
+        model(b["image"])
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        input_gradient(boom, {"image": _image()}, target=0, model=model, guided=True)
+    assert all("forward" not in m.__dict__ for m in model.modules()) and model.training
+    lin = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="nn.ReLU"):
+        input_gradient(lambda b: lin(b["image"]), {"image": torch.randn(1, 4)}, target=0, model=lin, guided=True)
+    with pytest.raises(ValueError, match="one floating-point sample"):
+        input_gradient(lambda b: lin(b["image"]), {"image": torch.randn(2, 4)}, target=0, model=lin)

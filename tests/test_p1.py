@@ -154,3 +154,33 @@ def test_itm_check_compares_with_always_mismatch():
     assert list(out.index) == ["clip_itm", "clip_itm_random"]  # last epoch of each ITM objective
     assert out.loc["clip_itm", "learnt to tell pairs apart"] == "no"  # 2/3 at the end: constant "mismatch"
     assert out.loc["clip_itm_random", "learnt to tell pairs apart"] == "yes"
+
+
+def _score_rows(method, weights, m, ratios, above):
+    return [{"method": method, "weights": weights, "map": m, "truth": "lesions in the outcome region",
+             "subject_id": f"sub-{i}", "mass_inside": 0.5 if a else 0.01, "chance_mean": 0.1, "chance_p95": 0.2,
+             "ratio": r, "region_fraction": 0.1, "pointing_game": False, "rank_percentile": 50.0}
+            for i, (r, a) in enumerate(zip(ratios, above))]
+
+
+def test_localisation_summary_needs_both_the_shuffled_map_and_the_untrained_network():
+    rows = []
+    # saliency: above random in 3 of 4 cases and above the untrained network in 3 of 4 -> evidence
+    rows += _score_rows(p1.PAPER, "trained", "gradient saliency", [2.0, 2.5, 3.0, 0.9], [True, True, True, False])
+    rows += _score_rows(p1.PAPER, "untrained", "gradient saliency", [1.2, 1.3, 1.1, 1.5], [False] * 4)
+    # guided Grad-CAM: above random everywhere, but the untrained network does as well -> no evidence
+    rows += _score_rows(p1.PAPER, "trained", "Guided Grad-CAM", [4.0, 5.0, 3.0, 4.0], [True] * 4)
+    rows += _score_rows(p1.PAPER, "untrained", "Guided Grad-CAM", [4.5, 5.5, 3.5, 3.0], [True] * 4)
+    # Grad-CAM: beats its untrained network, but not the shuffled map -> no evidence
+    rows += _score_rows(p1.PAPER, "trained", "Grad-CAM", [1.1, 1.2, 0.9, 1.0], [False, True, False, False])
+    rows += _score_rows(p1.PAPER, "untrained", "Grad-CAM", [0.8, 0.9, 0.7, 0.6], [False] * 4)
+    s = p1.localisation_summary(pd.DataFrame(rows)).set_index("map")
+    assert list(s.index) == ["Grad-CAM", "Guided Grad-CAM", "gradient saliency"]  # ATTRIBUTION_MAPS order
+    assert s.loc["gradient saliency", "verdict"] == "yes"
+    assert s.loc["Guided Grad-CAM", "verdict"] == "no"
+    assert s.loc["Grad-CAM", "verdict"] == "no"
+    assert s.loc["gradient saliency", "above_random_p95"] == pytest.approx(0.75)
+    assert s.loc["gradient saliency", "beats_untrained"] == pytest.approx(0.75)
+    assert s.loc["Guided Grad-CAM", "untrained_ratio"] == pytest.approx(4.125)
+    text = p1.localisation_verdict(s.reset_index())
+    assert "are gradient saliency." in text and "Guided Grad-CAM: 4.00x" in text

@@ -36,17 +36,18 @@ from mmlib import core, metrics
 from mmlib.augment import ImageAugment3d, TabularCorruption
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
-from mmlib.explain import grad_cam, localisation_scores, occlusion_map
+from mmlib.explain import grad_cam, input_gradient, localisation_scores, occlusion_map
 from mmlib.losses import ClipLoss, ImageTabularMatchingLoss
 from mmlib.models import EnsembleClassifier, ImageTabularCLIP
 from mmlib.train import fit, load_checkpoint
 
 __all__ = [
-    "ABLATION", "ALL_METHODS", "METHODS", "OBJECTIVES", "PAPER_RELATIVE_GAINS", "PROFILES", "FineTuned",
-    "GradCamStudy", "P1Classifier", "P1Data", "P1Profile", "Pretrained", "Pretrainer", "build_clip", "claims_table",
-    "cohort_table", "comparison_table", "embeddings", "encode_table", "evaluate", "finetune", "finetune_all",
-    "gradcam_study", "itm_check", "load_data", "paper_vs_run", "predict", "pretrain", "pretrain_all", "relative_gains",
-    "retrieval_table", "umap_figure",
+    "ABLATION", "ALL_METHODS", "ATTRIBUTION_MAPS", "METHODS", "OBJECTIVES", "PAPER_RELATIVE_GAINS", "PROFILES",
+    "FineTuned", "GradCamStudy", "P1Classifier", "P1Data", "P1Profile", "Pretrained", "Pretrainer", "build_clip",
+    "claims_table", "cohort_table", "comparison_table", "embeddings", "encode_table", "evaluate", "finetune",
+    "finetune_all", "gradcam_study", "itm_check", "load_data", "localisation_summary", "localisation_verdict",
+    "paper_vs_run", "predict", "pretrain", "pretrain_all", "relative_gains", "retrieval_table", "umap_figure",
+    "untrained_classifier",
 ]
 
 log = core.get_logger(__name__)
@@ -691,23 +692,63 @@ def umap_figure(pre: Pretrained, data: P1Data, *, device: torch.device, seed: in
 
 @dataclass
 class GradCamStudy:
-    scores: pd.DataFrame
-    summary: pd.DataFrame
-    figure: Any
+    scores: pd.DataFrame  # one row per case, method, weights (trained / untrained), map and truth
+    summary: pd.DataFrame  # per method, map and truth: trained vs untrained, and the verdict
+    figure: Any  # the maps of the trained models on one true-positive case
+    sanity_figure: Any  # the paper's model beside its untrained network on the same case
     case_text: str
 
 
-def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch.device,
-                  methods: Sequence[str] = ("supervised image", PAPER)) -> GradCamStudy:
-    """Grad-CAM (``prof.gradcam_layer``, by default the last ResNet stage; stroke logit) and an occlusion
-    map (P(stroke), ``occlusion_mask`` patches) on true-positive test cases, each scored against the
-    planted lesions.
+# The maps gradcam_study scores, in table order.
+ATTRIBUTION_MAPS = ("Grad-CAM", "Grad-CAM, its own cells", "Guided Grad-CAM", "gradient saliency", "occlusion")
 
-    The occlusion map is the finer companion: on a small volume the last stage is a 2 x 2 x 2
-    grid, so Grad-CAM cannot tell whether the model looks at the lesions; occlusion can. Grad-CAM
-    is scored per voxel (``map`` "Grad-CAM") and per cell of its layer's grid ("Grad-CAM, its own
-    cells"; quick: lesions touch about half the cells in the outcome region and nearly all for
-    every lesion, so even there it cannot beat a shuffled map by much).
+
+def _attribution_maps(model: nn.Module, b: Mapping[str, torch.Tensor], prof: P1Profile, device: torch.device,
+                      ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...] | None]]:
+    """Every map of :data:`ATTRIBUTION_MAPS` for one sample, with the resolution it is scored at."""
+    def logits(x, m=model):
+        return m(x)["logits"]
+
+    cam = grad_cam(logits, getattr(model.clip.image_encoder, prof.gradcam_layer), b, target=1, model=model)
+    guided = input_gradient(logits, b, target=1, model=model, guided=True)[0]
+    plain = input_gradient(logits, b, target=1, model=model)[0]
+    occ = occlusion_map(lambda x, m=model: torch.softmax(m(x)["logits"].float(), 1)[:, 1:], b,
+                        mask_size=prof.occlusion_mask, device=device, desc=None)
+    cell = tuple(-(-v // g) for v, g in zip(cam.cam.shape, cam.layer_cam.shape))
+    maps = {"Grad-CAM": cam.cam, "Grad-CAM, its own cells": cam.cam,
+            "Guided Grad-CAM": np.maximum(guided * cam.cam, 0.0), "gradient saliency": np.abs(plain),
+            "occlusion": occ.sensitivity}
+    patches = {"Grad-CAM, its own cells": cell, "occlusion": tuple(prof.occlusion_mask)}
+    return maps, {k: patches.get(k) for k in maps}
+
+
+def untrained_classifier(method: str, data: P1Data, prof: P1Profile, *, seed: int = 0) -> P1Classifier:
+    """``method``'s classifier at the random initialisation fine-tuning starts from (every method shares it)."""
+    torch.manual_seed(seed)
+    return P1Classifier(build_clip(data, prof), ALL_METHODS[method][1]).eval()
+
+
+def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch.device,
+                  methods: Sequence[str] = ("supervised image", PAPER), seed: int = 0) -> GradCamStudy:
+    """Grad-CAM and three finer maps on true-positive test cases, each scored against the planted
+    lesions, for the trained model and for the same network with random weights.
+
+    The maps (:data:`ATTRIBUTION_MAPS`), all for the stroke class:
+
+    - Grad-CAM at ``prof.gradcam_layer`` (by default the last ResNet stage), scored per voxel and
+      per cell of its layer's grid ("its own cells"). On a small volume that grid is 2 x 2 x 2,
+      so the map can at best point to part of a hemisphere.
+    - Guided Grad-CAM, the Grad-CAM paper's high-resolution variant: guided backpropagation
+      times the upsampled Grad-CAM (positive part).
+    - Gradient saliency: ``|d logit / d voxel|``.
+    - Occlusion: the drop in P(stroke) when a patch (``prof.occlusion_mask``) is set to 0, scored per patch.
+
+    The untrained network (:func:`untrained_classifier`) is the model-randomisation sanity check
+    of Adebayo et al. (2018). Planted lesions are bright spots, and some maps find bright spots
+    whatever the weights. A map is evidence that the model looks at the lesions only if it beats
+    both the shuffled map and the untrained network. The summary's ``verdict`` says so: "yes"
+    when the trained map is above the shuffled maps' 95th percentile in more than half of the
+    cases and its ratio to random exceeds the untrained network's in more than half of them.
     """
     from mmlib import viz
 
@@ -720,53 +761,87 @@ def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch
         tps[method] = [r for r in tp if not has_truth or bool(data.truth[r].any())][: prof.gradcam_cases]
     common = [r for r in tps[methods[-1]] if all(r in t for t in tps.values())]
     case_row = common[0] if common else next((t[0] for t in reversed(list(tps.values())) if t), None)
-    rows, maps = [], {}
+    rows, shown = [], {}
     for method in methods:
-        model = ft.models[method].to(device)
+        nets = {"trained": ft.models[method].to(device),
+                "untrained": untrained_classifier(method, data, prof, seed=seed).to(device)}
         cases = tps[method] + ([case_row] if case_row is not None and case_row not in tps[method] else [])
-        for r in core.progress(cases, desc=f"Grad-CAM {method}"):
-            b = {k: v.to(device) for k, v in data.batch([r]).items() if k != "label"}
-            layer = getattr(model.clip.image_encoder, prof.gradcam_layer)
-            cam = grad_cam(lambda x, m=model: m(x)["logits"], layer, b, target=1, model=model)
-            occ = occlusion_map(lambda x, m=model: torch.softmax(m(x)["logits"].float(), 1)[:, 1:], b,
-                                mask_size=prof.occlusion_mask, device=device, desc=None)
-            if r == case_row:
-                maps[f"{method} · Grad-CAM"] = cam.cam
-                maps[f"{method} · occlusion"] = occ.sensitivity
-            if has_truth and r in tps[method]:
+        for weights, model in nets.items():
+            for r in core.progress(cases, desc=f"attribution maps, {method} ({weights})"):
+                b = {k: v.to(device) for k, v in data.batch([r]).items() if k != "label"}
+                maps, patches = _attribution_maps(model, b, prof, device)
+                if r == case_row:
+                    shown[(method, weights)] = maps
+                if not has_truth or r not in tps[method]:
+                    continue
                 for what, mask in (("lesions in the outcome region", data.truth), ("all planted lesions", data.lesions)):
                     if mask is None or not bool(mask[r].any()):
                         continue
-                    # Grad-CAM scored twice: per voxel of its upsampled map, and per cell of the layer's own
-                    # grid (the fair resolution for a map that cannot be finer, as occlusion is scored per patch)
-                    cell = tuple(-(-v // g) for v, g in zip(cam.cam.shape, cam.layer_cam.shape))
-                    for kind, amap, patch in (("Grad-CAM", cam.cam, None),
-                                              ("Grad-CAM, its own cells", cam.cam, cell),
-                                              ("occlusion", occ.sensitivity, prof.occlusion_mask)):
-                        sc = localisation_scores(amap, mask[r].numpy(), patch=patch, seed=r, n_random=200)
-                        rows.append({"method": method, "map": kind, "truth": what,
+                    for kind, amap in maps.items():
+                        sc = localisation_scores(amap, mask[r].numpy(), patch=patches[kind], seed=r, n_random=200)
+                        rows.append({"method": method, "weights": weights, "map": kind, "truth": what,
                                      "subject_id": data.table["subject_id"].iloc[r], **sc})
     scores = pd.DataFrame(rows)
-    if len(scores):
-        s = scores.assign(above=lambda d: d["mass_inside"] > d["chance_p95"])
-        summary = s.groupby(["method", "map", "truth"], sort=False).agg(
-            cases=("subject_id", "size"), mass_in_lesions=("mass_inside", "mean"), random_map=("chance_mean", "mean"),
-            ratio_to_random=("ratio", "mean"), above_random_p95=("above", "mean"),
-            pointing_game=("pointing_game", "mean")).reset_index()
-    else:
-        summary = pd.DataFrame({"note": ["no true-positive test case with a planted lesion (or no truth masks)"]})
-    fig, case_text = None, "no true-positive test case"
+    summary = (localisation_summary(scores) if len(scores) else
+               pd.DataFrame({"note": ["no true-positive test case with a planted lesion (or no truth masks)"]}))
+    fig = sanity = None
+    case_text = "no true-positive test case"
     if case_row is not None:
         sid = data.table["subject_id"].iloc[case_row]
         vol = data.images[case_row, 0].float().numpy()
         mask = data.truth[case_row].numpy() if data.truth is not None else None
         point = ([int(round(c)) for c in np.argwhere(mask).mean(0)] if mask is not None and mask.any()
                  else [s // 2 for s in vol.shape])
-        fig = viz.orthogonal_slices(vol, maps, point=point, contour=mask, spacing=data.spacing_mm,
-                                    title=f"Grad-CAM (stroke logit, ResNet {prof.gradcam_layer}) and occlusion "
-                                    f"(mask {list(prof.occlusion_mask)}), {sid}", volume_label="FLAIR")
+        show = ("Grad-CAM", "Guided Grad-CAM", "gradient saliency", "occlusion")
+        fig = viz.orthogonal_slices(
+            vol, {f"{m} · {k}": shown[(m, "trained")][k] for m in methods for k in show}, point=point, contour=mask,
+            spacing=data.spacing_mm, volume_label="FLAIR",
+            title=f"Stroke-class maps (Grad-CAM at ResNet {prof.gradcam_layer}; occlusion mask "
+                  f"{list(prof.occlusion_mask)}), {sid}")
+        sanity = viz.orthogonal_slices(
+            vol, {f"{w} · {k}": shown[(methods[-1], w)][k] for k in ("Guided Grad-CAM", "gradient saliency")
+                  for w in ("trained", "untrained")}, point=point, contour=mask, spacing=data.spacing_mm,
+            volume_label="FLAIR", title=f"Sanity check: {methods[-1]} trained vs the same network untrained, {sid}")
         case_text = f"{sid}, a true-positive test case" + ("" if common else " (not of every method)")
-    return GradCamStudy(scores, summary, fig, case_text)
+    return GradCamStudy(scores, summary, fig, sanity, case_text)
+
+
+def localisation_summary(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per method, map and truth: the trained model's localisation beside its untrained network's, and the verdict
+    (see :func:`gradcam_study`)."""
+    s = scores.assign(above=lambda d: d["mass_inside"] > d["chance_p95"])
+    keys = ["method", "map", "truth", "subject_id"]
+    tr = s[s["weights"] == "trained"].set_index(keys)
+    un = s[s["weights"] == "untrained"].set_index(keys)
+    paired = tr.join(un[["ratio", "above"]], rsuffix="_untrained", how="inner").reset_index()
+    paired["beats_untrained"] = paired["ratio"] > paired["ratio_untrained"]
+    out = paired.groupby(["method", "map", "truth"], sort=False).agg(
+        cases=("subject_id", "size"), mass_in_lesions=("mass_inside", "mean"), random_map=("chance_mean", "mean"),
+        ratio_to_random=("ratio", "mean"), above_random_p95=("above", "mean"), pointing_game=("pointing_game", "mean"),
+        untrained_ratio=("ratio_untrained", "mean"), untrained_above_p95=("above_untrained", "mean"),
+        beats_untrained=("beats_untrained", "mean")).reset_index()
+    order = {m: i for i, m in enumerate(ATTRIBUTION_MAPS)}
+    out = out.sort_values(["method", "truth", "map"], key=lambda c: c.map(order) if c.name == "map" else c,
+                          kind="stable").reset_index(drop=True)
+    out["verdict"] = np.where((out["above_random_p95"] > 0.5) & (out["beats_untrained"] > 0.5), "yes", "no")
+    return out
+
+
+def localisation_verdict(summary: pd.DataFrame, method: str = PAPER,
+                         truth: str = "lesions in the outcome region") -> str:
+    """One paragraph: which maps of ``method`` show it looks at the planted lesions, from the summary's numbers."""
+    if "verdict" not in summary:
+        return "No true-positive test case with a planted lesion: nothing to score."
+    s = summary[(summary["method"] == method) & (summary["truth"] == truth)].set_index("map")
+    parts = []
+    for m, r in s.iterrows():
+        parts.append(f"{m}: {r['ratio_to_random']:.2f}x the shuffled map (above its 95th percentile in "
+                     f"{r['above_random_p95']:.0%} of {int(r['cases'])} cases), untrained network {r['untrained_ratio']:.2f}x "
+                     f"-> {'evidence' if r['verdict'] == 'yes' else 'no evidence'}")
+    good = [m for m, r in s.iterrows() if r["verdict"] == "yes"]
+    head = (f"{method}, {truth}: the maps that show the model looks at the lesions are "
+            f"{', '.join(good)}." if good else f"{method}, {truth}: no map shows the model looks at the lesions.")
+    return head + "\n" + "\n".join(f"- {x}" for x in parts)
 
 
 # --------------------------------------------------------------------------- claims
