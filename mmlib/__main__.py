@@ -1,8 +1,10 @@
-"""Command line: ``python -m mmlib run|index|list|generate|validate|schema`` (the Makefile calls these).
+"""Command line: ``python -m mmlib run|train|index|list|generate|validate|schema`` (the Makefile calls these).
 
 Examples::
 
     python -m mmlib run notebooks/00_overview.py --profile quick
+    python -m mmlib train p2 --profile full
+    torchrun --standalone --nproc_per_node=2 -m mmlib train p1 --profile full
     python -m mmlib index results
     python -m mmlib list --prefix p2
     python -m mmlib generate stroke_cta --preset quick --seed 0 --set image_signal=0
@@ -95,6 +97,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmlib.train_cli import train_pipeline
+
+    try:
+        out = train_pipeline(args.pipeline, profile=args.profile, seed=args.seed, device=args.device,
+                             data_dir=args.data_dir, out_dir=args.out, resume=args.resume)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.pipeline}: checkpoints and histories in {out}")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     import json
 
@@ -121,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="papermill's per-cell progress bar (default: when stderr is a terminal)")
     run.set_defaults(func=_cmd_run)
+
+    tr = sub.add_parser("train", help="a pipeline's training stages without a notebook (one process or torchrun)")
+    tr.add_argument("pipeline", choices=("p1", "p2"))
+    tr.add_argument("--profile", default="full", choices=("smoke", "quick", "full"))
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: each rank's own GPU)")
+    tr.add_argument("--data-dir", default="data")
+    tr.add_argument("--out", default=None, help="default results/train_<pipeline>")
+    tr.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="continue interrupted stages from <out>/checkpoints (default: on)")
+    tr.set_defaults(func=_cmd_train)
 
     index = sub.add_parser("index", help="(re)build results/index.html")
     index.add_argument("results", nargs="?", default="results")

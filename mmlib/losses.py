@@ -45,8 +45,10 @@ Tri-modal contrast of P3 (MoRE: reports aligned with chest X-rays and 12-lead EC
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,7 @@ __all__ = [
     "discrete_time_nll",
     "discretize_times",
     "info_nce",
+    "local_only",
     "sample_hard_negatives",
 ]
 
@@ -138,11 +141,28 @@ def _gather_local_slot(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("mmlib_losses_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside this block the contrastive losses gather nothing, even under ``torch.distributed``.
+
+    For code every rank runs on the same whole batch (validation and evaluation under torchrun,
+    see :func:`mmlib.train.fit`): gathering would then count each row once per rank.
+    """
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
 def _distributed_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
+    """(rank, world size); (0, 1) without an initialised process group or inside :func:`local_only`."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not _LOCAL_ONLY.get() and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -10,6 +10,10 @@
   torch's optimizers skip, so a stage unfrozen later is picked up with fresh optimizer state.
   Frozen stages are also put in eval mode (BatchNorm statistics and dropout stay fixed), so a
   frozen stage does not change at all.
+- Under ``torchrun`` (or any initialised process group of several processes) :func:`fit` trains
+  data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel`: each rank takes its
+  :func:`mmlib.distributed.shard` of every global batch, logs globally all-reduced sums, and
+  rank 0 alone writes the checkpoints. On one process nothing of this runs.
 - Checkpoints are safetensors plus a JSON sidecar; nothing is unpickled. :func:`load_encoder`
   loads pretrained encoder weights strictly: every key and every shape must match, or it raises
   :class:`CheckpointMismatchError` listing what did not (P2's public code loads by name and
@@ -31,7 +35,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmlib import core
+from mmlib import core, distributed
+from mmlib.losses import local_only
 from mmlib.results import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -298,8 +303,8 @@ def load_encoder(
         state = dict(source)
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not picked:
-        raise CheckpointMismatchError(label, sorted(target.state_dict()), [f"(no key starts with {prefix!r}; "
-                                      f"first keys: {sorted(state)[:5]})"], [])
+        raise CheckpointMismatchError(label, sorted(target.state_dict()), [(f"(no key starts with {prefix!r}; "
+                                      f"first keys: {sorted(state)[:5]})")], [])
     own = target.state_dict()
     missing = sorted(set(own) - set(picked))
     unexpected = sorted(set(picked) - set(own))
@@ -347,6 +352,7 @@ def fit(
     meta: Mapping[str, Any] | None = None,
     desc: str = "train",
     lr_factor: Callable[[int], float] | None = None,
+    find_unused_parameters: bool = True,
 ) -> pd.DataFrame:
     """Train ``model`` for ``epochs``; returns one row per epoch.
 
@@ -375,12 +381,47 @@ def fit(
         lr_factor: ``lr_factor(epoch)`` multiplies each parameter group's initial learning rate
             for that epoch (warmup, cosine decay, ...); a function of the epoch alone, so a
             resumed run follows the same schedule. The epoch's rate is logged as ``lr``.
+        find_unused_parameters: passed to DistributedDataParallel (ignored on one process).
+            ``True`` tolerates trainable parameters that a loss leaves without a gradient (an
+            unused head) at the cost of one graph traversal per step; ``False`` is faster when
+            every trainable parameter always gets a gradient.
 
     Returns:
         DataFrame with ``epoch``, ``train_loss``, ``val_loss``, ``trainable``, ``seconds``, ``best``
         (plus ``lr`` with ``lr_factor`` and the extra loss terms of a dict-returning ``loss_fn``).
+
+    Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (``fit`` then calls
+    :func:`mmlib.distributed.setup` itself: NCCL for a CUDA ``device``, gloo otherwise, and a bare
+    ``"cuda"`` becomes ``cuda:LOCAL_RANK``), or under a process group the caller initialised, every
+    rank must build the same global batches (seed them by the epoch, as the pipelines do) and each
+    trains on its contiguous :func:`mmlib.distributed.shard`, so every training batch must divide by
+    the world size (``ValueError`` otherwise). The call ``loss_fn(model, batch)`` runs inside the
+    forward of a DistributedDataParallel wrapper around the model (and ``loss_fn`` itself when it is
+    a module), so ``loss_fn`` still gets the plain model (attributes, ``m.training``, methods other
+    than ``forward`` all work) while DDP sees the whole step and averages the gradients over ranks:
+    with equal shards the average of the ranks' mean losses' gradients is the gradient of the
+    global-batch mean, and :class:`mmlib.losses.ClipLoss` gathers the other ranks' embeddings to
+    keep its negatives global. Validation is not sharded: every rank evaluates each whole validation
+    batch with gathering off (:func:`mmlib.losses.local_only`), so any validation batch size works.
+    DDP only synchronises the parameters that required a gradient when it was built, so the wrapper
+    is rebuilt whenever the freezing schedule changes the trainable set (a stage unfrozen at epoch
+    50 is then synchronised from epoch 50 on). Logged sums and counts are all-reduced, so the
+    returned history is the global one on every rank (``seconds`` is the ranks' mean). Rank 0 writes
+    the checkpoints (the plain model's state dict, keys as on one process; a rank given a different
+    path, e.g. its own temporary directory, writes its own), followed by a barrier; every rank reads
+    ``<stem>.last`` to resume, and all must resume from the same epoch. Only rank 0 shows a progress
+    bar. Caveats: BatchNorm normalises over the local shard (convert to
+    :class:`torch.nn.SyncBatchNorm` for global statistics); dropout and torch-drawn augmentation use
+    the same (seed, epoch) stream on every rank, which keeps the global torch RNG in step for batch
+    generators that draw from it; parameters the optimizer holds outside the model (and outside a
+    module ``loss_fn``) are not synchronised.
     """
     device = torch.device(device)
+    if distributed.launched_world_size() > 1 and not distributed.is_initialized():
+        distributed.setup("nccl" if device.type == "cuda" else "gloo")
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model.to(device)
     schedule = schedule or from_scratch()
     meta = dict(meta or {}, epochs=epochs, schedule=schedule.name, seed=seed)
@@ -397,26 +438,38 @@ def fit(
             rows = list(saved["history"])
             start = int(saved["epoch"]) + 1
             best = min([r["val_loss"] if r["val_loss"] is not None else math.inf for r in rows] or [math.inf])
-            log.info("%s: resumed after epoch %d from %s", desc, start - 1, stem.with_name(stem.name + ".last"))
-        else:
+            if rank == 0:
+                log.info("%s: resumed after epoch %d from %s", desc, start - 1, stem.with_name(stem.name + ".last"))
+        elif rank == 0:
             log.info("%s: %s.last has other settings; starting afresh", desc, stem)
+    writes_checkpoints = rank == 0
+    replica: _Replica | None = None
+    if world > 1:
+        writes_checkpoints = _check_ranks_agree(desc, start, stem)
+        replica = _Replica(model, loss_fn, device, find_unused_parameters)
     base_lr = [g["lr"] for g in optimizer.param_groups]
-    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start)
+    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start, disable=rank != 0)
     for epoch in bar:
         t0 = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)
         n_trainable = apply_freeze(model, schedule, epoch, train=True)
+        if replica is not None:
+            replica.follow_trainable()
         if lr_factor is not None:
             for g, lr0 in zip(optimizer.param_groups, base_lr):
                 g["lr"] = lr0 * float(lr_factor(epoch))
         sums: dict[str, float] = {}
         count = 0
         for batch in train_batches(epoch):
+            if replica is not None:
+                batch = distributed.shard(batch, rank, world)
             batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             with core.autocast(device, precision):
-                loss, terms = _loss_terms(loss_fn(model, batch))
-            if not torch.isfinite(loss):
+                loss, terms = _loss_terms(loss_fn(model, batch) if replica is None else replica(batch))
+            if replica is not None:
+                _raise_unless_finite_everywhere(desc, loss, epoch)
+            elif not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
             loss.backward()
             optimizer.step()
@@ -424,13 +477,16 @@ def fit(
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             count += n
-        train = {k: v / max(count, 1) for k, v in sums.items()}
+        if replica is not None:
+            replica.sync_buffers()
         val: dict[str, float] = {}
+        vsums: dict[str, float] = {}
+        vc = 0
         if val_batches is not None:
             apply_freeze(model, schedule, epoch, train=False)
-            vsums: dict[str, float] = {}
-            vc = 0
-            with torch.no_grad(), core.autocast(device, precision):
+            # under DDP every rank validates the whole batch (no shard, no gathering): identical
+            # results on every rank, and no validation batch has to divide by the world size
+            with torch.no_grad(), core.autocast(device, precision), local_only():
                 for batch in val_batches():
                     batch = to_device(batch, device)
                     _, terms = _loss_terms(loss_fn(model, batch))
@@ -438,13 +494,18 @@ def fit(
                     for k, v in terms.items():
                         vsums[k] = vsums.get(k, 0.0) + v * n
                     vc += n
+        seconds = None
+        if replica is not None:  # global sums, counts and mean time, bitwise equal on every rank
+            sums, count, vsums, vc, seconds = _global_sums(sums, count, vsums, vc, time.perf_counter() - t0)
+        train = {k: v / max(count, 1) for k, v in sums.items()}
+        if val_batches is not None:
             val = {k: v / max(vc, 1) for k, v in vsums.items()}
         train_loss, val_loss = train.get("loss", math.nan), val.get("loss")
         score = val_loss if val_loss is not None else (0.0 if epoch == epochs - 1 else math.inf)
         is_best = score < best
         best = min(best, score)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
-               "seconds": round(time.perf_counter() - t0, 3), "best": is_best}
+               "seconds": round(time.perf_counter() - t0 if seconds is None else seconds, 3), "best": is_best}
         if lr_factor is not None:
             row["lr"] = optimizer.param_groups[0]["lr"]
         row.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
@@ -453,12 +514,128 @@ def fit(
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
         if stem is not None:
-            if is_best:
-                save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
-            save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
-                            meta=dict(meta, epoch=epoch, history=rows))
+            if writes_checkpoints:
+                if is_best:
+                    save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
+                save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
+                                meta=dict(meta, epoch=epoch, history=rows))
+            if replica is not None:
+                distributed.barrier()  # nobody reads a checkpoint before rank 0 has written it
+    if replica is not None:
+        replica.release()
     model.eval()
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that DistributedDataParallel wraps the whole step.
+
+    DDP synchronises gradients only for a backward that follows a call of *its* forward; loss
+    functions call ``m(batch)``, ``m.next_visit_loss(batch)``, ``m.encoder(...)`` or read
+    ``m.training``, which a DDP wrapper handed to them would not allow. Running the loss
+    function inside this module's forward keeps the plain model in the loss function's hands.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Any]], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn  # registered as a submodule (its parameters synchronised) when it is a module
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+class _Replica:
+    """The DDP wrapper of one ``fit`` call, rebuilt whenever the set of trainable parameters changes.
+
+    DDP registers its gradient hooks and buckets for the parameters that require a gradient
+    when it is constructed: a stage unfrozen later would be left out (each rank would step it
+    with its own shard's gradient and the replicas would drift apart), and one frozen later
+    would be waited for. Construction also broadcasts rank 0's parameters and buffers, so
+    every rebuild starts from identical replicas.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, device: torch.device, find_unused: bool) -> None:
+        self.module = _LossModule(model, loss_fn)
+        self.device = device
+        self.find_unused = find_unused
+        self.trainable: tuple[bool, ...] | None = None
+        self.ddp: nn.Module | None = None
+
+    def follow_trainable(self) -> None:
+        """(Re)build the DDP wrapper if ``requires_grad`` changed since it was built."""
+        trainable = tuple(p.requires_grad for p in self.module.parameters())
+        if trainable == self.trainable:
+            return
+        self.trainable = trainable
+        self.ddp = None  # drop the old wrapper (its reducer removes its hooks) before building the next
+        if any(trainable):  # DDP refuses a module without trainable parameters
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused,
+            )
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        return (self.module if self.ddp is None else self.ddp)(batch)
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) after an epoch's training.
+
+        DDP broadcasts them at the start of each forward, so after the last step each rank holds
+        the statistics of its own last shard; copying rank 0's makes validation on every rank
+        use the model that rank 0 saves.
+        """
+        for b in self.module.buffers():
+            torch.distributed.broadcast(b, src=0)
+
+    def release(self) -> None:
+        self.ddp = None
+        self.trainable = None
+
+
+def _check_ranks_agree(desc: str, start: int, stem: Path | None) -> bool:
+    """Check that every rank resumes at the same epoch; return whether this rank writes checkpoints.
+
+    A rank that could not read ``<stem>.last`` (a path not on a shared file system) would start
+    at another epoch and then wait forever in a collective, so it fails here instead. Rank 0
+    writes; a rank whose checkpoint path differs from rank 0's writes its own.
+    """
+    everyone: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(everyone, (start, None if stem is None else str(stem)))
+    starts = [s for s, _ in everyone]
+    if len(set(starts)) > 1:
+        raise RuntimeError(f"{desc}: ranks would start at different epochs {starts} (checkpoints {[p for _, p in everyone]}); "
+                           "every rank must be able to read <stem>.last to resume")
+    me = distributed.rank()
+    return me == 0 or everyone[me][1] != everyone[0][1]
+
+
+def _raise_unless_finite_everywhere(desc: str, loss: torch.Tensor, epoch: int) -> None:
+    """Raise :class:`FloatingPointError` on every rank if any rank's loss is not finite.
+
+    Raising on one rank only would leave the others waiting in backward's all-reduce.
+    """
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0], device=distributed.collective_device())
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if bad.item():
+        raise FloatingPointError(f"{desc}: loss is not finite on some rank at epoch {epoch} (here {loss.item()}); "
+                                 "lower the learning rate?")
+
+
+def _global_sums(sums: dict[str, float], count: int, vsums: dict[str, float], vc: int,
+                 seconds: float) -> tuple[dict[str, float], int, dict[str, float], int, float]:
+    """All-reduce one epoch's weighted loss sums and row counts (and the ranks' mean time)."""
+    local = {f"train/{k}": v for k, v in sums.items()}
+    local.update({"count/train": count, "seconds": seconds})
+    total = distributed.all_reduce_sums(local)
+    # keep each rank's term order, so the history's columns come in the order of one process; validation
+    # ran on the whole batch on every rank, so its sums are already global
+    return ({k: total[f"train/{k}"] for k in sums}, round(total["count/train"]), dict(vsums), vc,
+            total["seconds"] / distributed.world_size())
 
 
 def _loss_terms(out: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

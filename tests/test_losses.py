@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmlib.losses import ClipLoss, ImageTabularMatchingLoss, clip_logits, sample_hard_negatives
+from mmlib.losses import ClipLoss, ImageTabularMatchingLoss, clip_logits, local_only, sample_hard_negatives
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -199,6 +199,8 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
             }
         no_gather = ClipLoss(temperature=TAU, gather=False)(img[rows], tab[rows])
         result["no_gather"] = no_gather["loss"].item()
+        with local_only():  # every rank on the whole batch, nothing gathered (validation under DDP)
+            result["local_only_whole"] = ClipLoss(temperature=TAU)(img, tab)["loss"].item()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -248,6 +250,9 @@ def test_distributed_gather_matches_single_process_global_batch(tmp_path):
             assert torch.allclose(res[with_grad]["local_logits"], logits[rows, rows], atol=1e-9)
     # the global negatives matter: a rank alone (gather=False) gives a different loss
     assert abs(ranks[0]["no_gather"] - ranks[0][True]["loss"]) > 1e-3
+    # inside local_only() a rank's whole-batch loss is the single-process one (gathering would double the batch)
+    for res in ranks:
+        assert res["local_only_whole"] == pytest.approx(full["loss"].item(), abs=1e-9)
 
     # gather_with_grad: each rank's local embeddings receive the gradient of all ranks' losses,
     # i.e. WORLD x d(global loss)/d(its rows); DDP's mean over ranks then gives the exact gradient
