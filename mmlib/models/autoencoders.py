@@ -181,6 +181,13 @@ class ViTEncoder(nn.Module):
         in_channels: input channels.
         hidden_size, mlp_dim, num_layers, num_heads: transformer sizes.
         dropout_rate: dropout in the transformer.
+        sdpa: compute attention with ``torch.nn.functional.scaled_dot_product_attention`` (MONAI's
+            ``use_flash_attention``) in every block: flash / memory-efficient kernels that never
+            store the (heads x N x N) attention matrix, which matters at the paper's 3,920 tokens.
+            Same parameters and ``state_dict`` keys, same outputs up to float rounding; but the
+            attention matrix can no longer be kept (``save_attn`` / ``att_mat``), so it is off by
+            default. Not with ``dropout_rate > 0``: MONAI passes the dropout to SDPA in eval mode
+            too. Toggle later with :func:`mmlib.fast.set_sdpa`.
     """
 
     def __init__(
@@ -194,6 +201,7 @@ class ViTEncoder(nn.Module):
         num_layers: int = 8,
         num_heads: int = 8,
         dropout_rate: float = 0.0,
+        sdpa: bool = False,
     ) -> None:
         super().__init__()
         from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
@@ -205,6 +213,8 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if sdpa and dropout_rate > 0:
+            raise ValueError("sdpa=True needs dropout_rate=0: MONAI's SDPA path drops attention weights in eval mode too")
         self.in_channels = in_channels
         self.hidden_size = hidden_size
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
@@ -213,7 +223,12 @@ class ViTEncoder(nn.Module):
             num_heads=num_heads, proj_type="conv", dropout_rate=dropout_rate, spatial_dims=3,
         )
         self.blocks = nn.ModuleList(
-            [TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias=False) for _ in range(num_layers)]
+            [
+                TransformerBlock(
+                    hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias=False, use_flash_attention=bool(sdpa)
+                )
+                for _ in range(num_layers)
+            ]
         )
         self.norm = nn.LayerNorm(hidden_size)
 
@@ -248,7 +263,7 @@ class ViTAutoEnc(nn.Module):
     Each transposed convolution upsamples by the square root of the patch size (16 -> 4 x 4).
 
     Args:
-        img_size, patch_size, in_channels, hidden_size, mlp_dim, num_layers, num_heads, dropout_rate:
+        img_size, patch_size, in_channels, hidden_size, mlp_dim, num_layers, num_heads, dropout_rate, sdpa:
             of the :class:`ViTEncoder`.
         deconv_chns: channels between the two transposed convolutions.
     """
@@ -265,11 +280,12 @@ class ViTAutoEnc(nn.Module):
         num_heads: int = 8,
         dropout_rate: float = 0.0,
         deconv_chns: int = 16,
+        sdpa: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = ViTEncoder(
             img_size=img_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate,
+            mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, dropout_rate=dropout_rate, sdpa=sdpa,
         )
         up = []
         for p in self.encoder.patch_size:
