@@ -30,7 +30,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from mmlib import core, metrics
+from mmlib import core, fast, metrics
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
 from mmlib.explain import OcclusionMap, localisation_scores, modality_contribution, occlusion_map
@@ -124,6 +124,9 @@ class P2Profile(Profile):
     # fp32 | bf16 | auto (bf16 where the hardware runs it natively). CPU profiles use fp32: under CPU bf16
     # autocast the ViTMLP head gave NaN losses in training.
     precision: str = "fp32"
+    # mmlib.fast's fp32-exact options: SDPA attention in the ViTs, channels-last 3D convolutions, fused Adam
+    # (same maths up to float rounding; benchmarks/bench_p2_pretrain.py measures them)
+    fast: bool = True
     workers: int = 0  # volume-loading processes; 0 = all usable cores
 
 
@@ -298,18 +301,39 @@ def cohort_table(data: P2Data) -> pd.DataFrame:
 
 
 def build_model(kind: str, prof: P2Profile) -> nn.Module:
-    """``ResNetAutoEnc`` | ``ViTAutoEnc`` | ``ResNetMLP`` | ``ViTMLP`` at the profile's sizes."""
+    """``ResNetAutoEnc`` | ``ViTAutoEnc`` | ``ResNetMLP`` | ``ViTMLP`` at the profile's sizes.
+
+    With ``prof.fast`` the ViTs' attention runs through ``scaled_dot_product_attention`` and the
+    convolutions are stored channels-last (:mod:`mmlib.fast`); parameters and checkpoint keys
+    are the same either way.
+    """
     if kind == "ResNetAutoEnc":
-        return ResNetAutoEnc(widths=prof.resnet_widths, layers=prof.resnet_layers)
-    vit = dict(img_size=prof.spatial_size, patch_size=prof.vit_patch, hidden_size=prof.vit_hidden,
-               mlp_dim=prof.vit_mlp, num_layers=prof.vit_layers, num_heads=prof.vit_heads)
-    if kind == "ViTAutoEnc":
-        return ViTAutoEnc(**vit, deconv_chns=prof.vit_deconv)
-    if kind == "ResNetMLP":
-        return ResNetMLP(widths=prof.resnet_widths, layers=prof.resnet_layers)
-    if kind == "ViTMLP":
-        return ViTMLP(**vit, head_channels=prof.vit_head_channels)
-    raise ValueError(f"unknown model {kind!r}; choose ResNetAutoEnc, ViTAutoEnc, ResNetMLP or ViTMLP")
+        model: nn.Module = ResNetAutoEnc(widths=prof.resnet_widths, layers=prof.resnet_layers)
+    elif kind == "ResNetMLP":
+        model = ResNetMLP(widths=prof.resnet_widths, layers=prof.resnet_layers)
+    elif kind in ("ViTAutoEnc", "ViTMLP"):
+        vit = dict(img_size=prof.spatial_size, patch_size=prof.vit_patch, hidden_size=prof.vit_hidden,
+                   mlp_dim=prof.vit_mlp, num_layers=prof.vit_layers, num_heads=prof.vit_heads)
+        model = (ViTAutoEnc(**vit, deconv_chns=prof.vit_deconv) if kind == "ViTAutoEnc" else
+                 ViTMLP(**vit, head_channels=prof.vit_head_channels))
+    else:
+        raise ValueError(f"unknown model {kind!r}; choose ResNetAutoEnc, ViTAutoEnc, ResNetMLP or ViTMLP")
+    if prof.fast:
+        fast.set_sdpa(model, True)
+        fast.channels_last(model)
+    return model
+
+
+def _optimizer(model: nn.Module, lr: float, prof: P2Profile) -> torch.optim.Optimizer:
+    """Adam (the paper's), with the fused update kernel where ``prof.fast`` and the device has one."""
+    params = list(model.parameters())
+    if prof.fast and fast.fused_adamw_supported(params):  # the fused kernels serve Adam and AdamW alike
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _image(x: torch.Tensor, prof: P2Profile) -> torch.Tensor:
+    return fast.to_channels_last(x) if prof.fast else x
 
 
 def _arch(kind: str, prof: P2Profile) -> dict[str, Any]:
@@ -342,10 +366,10 @@ def pretrain(kind: str, data: P2Data, prof: P2Profile, *, ckpt_dir: str | Path, 
             yield {"image": batch["image"], "corrupted": corruption(batch["image"], seed=10_000_019 + b)}
 
     def loss_fn(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return nn.functional.l1_loss(m(batch["corrupted"]).float(), batch["image"])
+        return nn.functional.l1_loss(m(_image(batch["corrupted"], prof)).float(), batch["image"])
 
     stem = Path(ckpt_dir) / kind
-    opt = torch.optim.Adam(model.parameters(), lr=prof.pretrain_lr)
+    opt = _optimizer(model, prof.pretrain_lr, prof)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches,
                epochs=prof.pretrain_epochs, optimizer=opt, checkpoint=stem, resume=resume, device=device,
                precision=prof.precision, seed=seed, meta=_arch(kind, prof), desc=f"pretrain {kind}")
@@ -393,9 +417,9 @@ def finetune(backbone: str, setup: str, data: P2Data, prof: P2Profile, *, encode
         return data.batches(tr, prof.finetune_batch, shuffle_seed=seed * 7919 + epoch)
 
     def loss_fn(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return nn.functional.mse_loss(m(batch)["rfs"].float(), batch["target"])
+        return nn.functional.mse_loss(m(dict(batch, image=_image(batch["image"], prof)))["rfs"].float(), batch["target"])
 
-    opt = torch.optim.Adam(model.parameters(), lr=prof.finetune_lr)
+    opt = _optimizer(model, prof.finetune_lr, prof)
     stem = None if ckpt_dir is None else Path(ckpt_dir) / f"{backbone}-{setup.replace(' ', '_')}-seed{seed}"
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, epochs=prof.finetune_epochs, optimizer=opt,
                schedule=schedule, checkpoint=stem, resume=resume, device=device, precision=prof.precision, seed=seed,
