@@ -318,27 +318,22 @@ def build_model(kind: str, prof: P2Profile) -> nn.Module:
                  ViTMLP(**vit, head_channels=prof.vit_head_channels))
     else:
         raise ValueError(f"unknown model {kind!r}; choose ResNetAutoEnc, ViTAutoEnc, ResNetMLP or ViTMLP")
-    if _fast(prof):
+    if prof.fast:
         fast.set_sdpa(model, True)
         fast.channels_last(model)
     return model
 
 
-def _fast(prof: Any) -> bool:
-    """``prof.fast``; False for a profile without the field (P4 reuses :func:`pretrain` with its own profile)."""
-    return bool(getattr(prof, "fast", False))
-
-
-def _optimizer(model: nn.Module, lr: float, prof: Any) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, lr: float, prof: P2Profile) -> torch.optim.Optimizer:
     """Adam (the paper's), with the fused update kernel where ``prof.fast`` and the device has one."""
     params = list(model.parameters())
-    if _fast(prof) and fast.fused_adamw_supported(params):  # the fused kernels serve Adam and AdamW alike
+    if prof.fast and fast.fused_adamw_supported(params):  # the fused kernels serve Adam and AdamW alike
         return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr)
 
 
-def _image(x: torch.Tensor, prof: Any) -> torch.Tensor:
-    return fast.to_channels_last(x) if _fast(prof) else x
+def _image(x: torch.Tensor, prof: P2Profile) -> torch.Tensor:
+    return fast.to_channels_last(x) if prof.fast else x
 
 
 def _arch(kind: str, prof: P2Profile) -> dict[str, Any]:

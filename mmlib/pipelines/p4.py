@@ -71,6 +71,9 @@ class P4Profile(Profile):
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
     precision: str = "fp32"
+    # the CT autoencoder is P2's (p2.pretrain): its fast-path options (P2Profile.fast) stay off here, so P4's
+    # numbers are those of the plain path
+    fast: bool = False
     workers: int = 0  # volume-loading processes; 0 = all usable cores
     ehr_dim: int = 64
     ehr_layers: int = 2
