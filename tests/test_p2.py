@@ -159,3 +159,25 @@ def test_occlusion_study_scores_every_setup_and_flags_a_constant_image_branch():
     assert f"{live.loc[best, 'ratio_to_chance']:.1f}x chance" in verdict[1]
     assert verdict[-1] == "- ViTMLP · from scratch: not scored (image branch constant: the map is round-off)"
     assert len(verdict) == 1 + len(s)
+
+
+def test_fast_profile_switches_sdpa_and_channels_last_and_nothing_else():
+    from monai.networks.blocks.selfattention import SABlock
+
+    smoke = p2.PROFILES.get_profile("smoke")
+    assert smoke.fast  # on by default
+    torch.manual_seed(0)
+    fast_vit = p2.build_model("ViTAutoEnc", smoke)
+    torch.manual_seed(0)
+    plain_vit = p2.build_model("ViTAutoEnc", p2.PROFILES.get_profile("smoke", fast=False))
+    flags = [b.use_flash_attention for b in fast_vit.modules() if isinstance(b, SABlock)]
+    assert flags and all(flags)
+    assert not any(b.use_flash_attention for b in plain_vit.modules() if isinstance(b, SABlock))
+    sd_fast, sd_plain = fast_vit.state_dict(), plain_vit.state_dict()
+    assert list(sd_fast) == list(sd_plain) and all(torch.equal(sd_fast[k], sd_plain[k]) for k in sd_fast)
+    conv = next(m for m in p2.build_model("ResNetAutoEnc", smoke).modules()
+                if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and max(m.kernel_size) > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    x = torch.rand(2, 1, *smoke.spatial_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_vit.eval()(x), plain_vit.eval()(x), rtol=1e-5, atol=1e-5)
