@@ -704,21 +704,29 @@ class TriModalLoss(nn.Module):
     parameter and, as CLIP does, clamps the scale ``1 / tau`` to ``[1, max_logit_scale]`` in the
     forward pass (no gradient once clamped). Either way the state-dict key is ``log_logit_scale``.
 
-    Under ``torch.distributed`` nothing is gathered: each rank contrasts its own batch (for the
-    global-batch recipe use :class:`ClipLoss` per pair).
+    Under ``torch.distributed`` (world size W > 1, ``gather=True``) the embeddings are
+    all-gathered as :class:`ClipLoss` does: rank r contrasts its B reports against all W*B
+    signals and its B signals against all W*B reports, so the mean of the per-rank losses is the
+    single-process loss of the global batch and, with ``gather_with_grad``, DDP's averaged
+    gradient is that loss's gradient. Every rank must pass the same batch size.
 
     Args:
         temperature: tau (MoRE: 0.02), or the initial value when learnable.
         learnable: learn ``log(1 / tau)``.
         max_logit_scale: upper bound on ``1 / tau`` when learnable (CLIP: 100).
+        gather: gather the global batch under ``torch.distributed`` (ignored on one process and
+            inside :func:`local_only`).
+        gather_with_grad: see :class:`ClipLoss`.
 
     Raises:
         ValueError: if ``temperature`` or ``max_logit_scale`` is not positive, or a learnable
             temperature would start clamped (``1 / tau`` outside ``[1, max_logit_scale]``).
     """
 
-    def __init__(self, temperature: float = 0.02, learnable: bool = False, max_logit_scale: float = 100.0) -> None:
+    def __init__(self, temperature: float = 0.02, learnable: bool = False, max_logit_scale: float = 100.0,
+                 gather: bool = True, *, gather_with_grad: bool = True) -> None:
         super().__init__()
+        self.gather, self.gather_with_grad = bool(gather), bool(gather_with_grad)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not max_logit_scale >= 1:
@@ -773,12 +781,23 @@ class TriModalLoss(nn.Module):
                     f"TriModalLoss expects {name} of the text's shape {tuple(text.shape)}, got {_shape(z)}"
                 )
         temperature = 1.0 / self.logit_scale().to(device=text.device, dtype=text.dtype)
-        labels = torch.arange(text.shape[0], device=text.device)
+        rank, world = _distributed_world()
+        gathered = self.gather and world > 1
+        b = text.shape[0]
+        labels = torch.arange(b, device=text.device) + (rank * b if gathered else 0)
+        gather = _GatherWithGrad.apply if self.gather_with_grad else _gather_local_slot
+        all_text = gather(text) if gathered else None
         out: dict[str, torch.Tensor] = {}
         for key, z in (("text_xray", xray), ("text_ecg", ecg)):
-            if z is not None:
-                logits = clip_logits(text, z, temperature)  # text -> signal rows; its transpose: signal -> text
-                out[key] = 0.5 * F.cross_entropy(logits, labels) + 0.5 * F.cross_entropy(logits.T, labels)
+            if z is None:
+                continue
+            if gathered:  # local rows against the global batch, in both directions
+                to_signal = clip_logits(text, gather(z), temperature)
+                to_text = clip_logits(z, all_text, temperature)
+            else:
+                to_signal = clip_logits(text, z, temperature)  # text -> signal rows; its transpose: signal -> text
+                to_text = to_signal.T
+            out[key] = 0.5 * F.cross_entropy(to_signal, labels) + 0.5 * F.cross_entropy(to_text, labels)
         terms = list(out.values())
         loss = terms[0] if len(terms) == 1 else 0.5 * terms[0] + 0.5 * terms[1]
         return {"loss": loss, **out, "temperature": temperature.detach().float()}

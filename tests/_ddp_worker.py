@@ -52,6 +52,22 @@ class TwoTower(nn.Module):
         return self.image(batch["image"]), self.tabular(batch["tabular"])
 
 
+class ThreeTower(nn.Module):
+    """Report, X-ray and ECG towers trained with a learnable-temperature :class:`~mmlib.losses.TriModalLoss` (P3)."""
+
+    def __init__(self) -> None:
+        from mmlib.losses import TriModalLoss
+
+        super().__init__()
+        self.text = nn.Linear(5, 4)
+        self.xray = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.ecg = nn.Linear(3, 4)
+        self.trimodal = TriModalLoss(temperature=0.5, learnable=True)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.text(batch["text"]), self.xray(batch["xray"]), self.ecg(batch["ecg"])
+
+
 def _conv_batch(seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(GLOBAL_BATCH, 1, 6, 6, 6, generator=g, dtype=torch.float64)
@@ -66,6 +82,12 @@ def _pair_batch(seed: int) -> dict[str, torch.Tensor]:
             "tabular": torch.randn(GLOBAL_BATCH, 5, generator=g, dtype=torch.float64)}
 
 
+def _tri_batch(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(GLOBAL_BATCH, d, generator=g, dtype=torch.float64)
+            for k, d in (("text", 5), ("xray", 6), ("ecg", 3))}
+
+
 def _cross_entropy(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     assert len(batch["ids"]) == batch["image"].shape[0]
     ROWS_SEEN.append(batch["image"].shape[0])
@@ -78,7 +100,13 @@ def _clip(m: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {"loss": out["loss"], "temperature": out["temperature"]}
 
 
-CASES = ("conv", "clip", "unfreeze")
+def _trimodal(m: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ROWS_SEEN.append(batch["text"].shape[0])
+    out = m.trimodal(*m(batch))
+    return {k: out[k] for k in ("loss", "text_xray", "text_ecg")}
+
+
+CASES = ("conv", "clip", "unfreeze", "trimodal")
 
 
 def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -88,6 +116,8 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
     - ``clip``: one epoch of one SGD step of a two-tower model with a gathered ClipLoss.
     - ``unfreeze``: two epochs of one SGD-with-momentum step each; ``conv`` is frozen in epoch 0
       and unfreezes in epoch 1, so it is only synchronised if fit rebuilds the DDP wrapper.
+    - ``trimodal``: two epochs of one SGD step each of three towers with a gathered, learnable
+      TriModalLoss (P3's objective).
     """
     from mmlib.train import FreezeSchedule, fit
 
@@ -108,6 +138,10 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         train_batches = lambda epoch: [_conv_batch(300 + epoch)]
         schedule = FreezeSchedule("conv late", frozen=("conv",), unfreeze=((1, "conv"),))
+    elif name == "trimodal":
+        model, loss_fn, epochs = ThreeTower().double(), _trimodal, 2
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_batches = lambda epoch: [_tri_batch(400 + epoch)]
     else:
         raise ValueError(name)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches, epochs=epochs,

@@ -169,7 +169,7 @@ def test_fit_under_torchrun_initialises_gloo_shards_every_batch_resumes_and_stop
         # every training call saw this rank's half of the global batch of 8; validation (the conv case
         # only) saw the whole batch on every rank, with gathering off
         assert setup == {"rows_seen_conv": [8 // WORLD, 8], "rows_seen_clip": [8 // WORLD],
-                         "rows_seen_unfreeze": [8 // WORLD]}
+                         "rows_seen_unfreeze": [8 // WORLD], "rows_seen_trimodal": [8 // WORLD]}
 
 
 def test_ddp_step_of_conv_classifier_equals_single_process_step(ddp_out, single):
@@ -198,6 +198,19 @@ def test_ddp_step_with_gathered_clip_loss_equals_single_process_step(ddp_out, si
     assert "clip.log_logit_scale" in want_state  # the learnable temperature is synchronised too
     # the contrastive loss logged by the 2-process run is the loss over the global batch of 8
     assert hist0[0]["train_loss"] == pytest.approx(want_hist[0]["train_loss"], abs=1e-12)
+    _assert_same_history(hist0, want_hist)
+
+
+def test_ddp_step_with_gathered_trimodal_loss_equals_single_process_step(ddp_out, single):
+    """P3's loss: each rank's reports meet the whole global batch's X-rays and ECGs, and the reverse."""
+    want_state, want_hist = single["trimodal"]
+    (state0, hist0), (state1, _) = _ranks(ddp_out, "trimodal")
+    _assert_same_state(state0, want_state)
+    _assert_same_state(state1, state0, atol=0)
+    assert "trimodal.log_logit_scale" in want_state
+    for row, want in zip(hist0, want_hist):  # both pair terms are the global batch's, every epoch
+        for key in ("train_loss", "train_text_xray", "train_text_ecg"):
+            assert row[key] == pytest.approx(want[key], abs=1e-12), key
     _assert_same_history(hist0, want_hist)
 
 
