@@ -119,6 +119,65 @@ def test_pretrain_train_loss_goes_down(data):
     assert loss[-1] < loss[0] and loss[1] < loss[0]
 
 
+@pytest.mark.parametrize("batch_size", [9, 10])  # 28 training pairs: 9+9+9+1 (the 1-pair batch skipped); 10+10+8
+def test_pretrain_history_is_the_pair_weighted_mean_of_the_batch_losses(data, batch_size, monkeypatch):
+    """pretrain runs on mmlib.train.fit: with a learning rate of 0 the weights stay the initial ones, so an epoch's
+    logged losses are the pair-weighted means of TriModalLoss over the same batches, recomputed here by hand with
+    fit's dropout / DropKey stream (torch seeded with seed * 100_003 + epoch) and the same shuffle."""
+    from mmlib.losses import TriModalLoss
+    from mmlib.train import index_batches
+
+    seed = 2
+    prof = SMOKE.replace(batch_size=batch_size, eval_batch_size=3, lr=0.0, text_lr=0.0)  # 4 val pairs: 3 + 1 (skipped)
+    trainable_seen = []  # trainable model parameters at every loss call, training and validation
+    forward = p3._PretrainLoss.forward
+
+    def spy(self, m, batch):
+        trainable_seen.append(sum(p.requires_grad for p in m.parameters()))
+        return forward(self, m, batch)
+
+    monkeypatch.setattr(p3._PretrainLoss, "forward", spy)
+    model, hist = p3.pretrain(data, prof, seed=seed)
+    monkeypatch.undo()
+    torch.manual_seed(seed)
+    fresh = p3.build_model(prof)
+    # fit's freezing schedule kept the frozen text weights frozen while training (and the flags are as built)
+    assert set(trainable_seen) == {sum(p.requires_grad for p in fresh.parameters())}
+    assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in fresh.parameters()]
+    assert not model.training
+    loss_fn = TriModalLoss(prof.temperature)
+
+    def mean(idx, size, shuffle_seed, train):
+        fresh.train(train)
+        sums, n = np.zeros(3), 0
+        with torch.no_grad():
+            for chunk in index_batches(idx, size, shuffle_seed=shuffle_seed):
+                if len(chunk) < 2:
+                    continue
+                emb = fresh(data.batch(chunk))
+                out = loss_fn(emb["text"], emb["xray"], emb["ecg"])
+                sums += len(chunk) * np.array([float(out[k]) for k in ("loss", "text_xray", "text_ecg")])
+                n += len(chunk)
+        return sums / n
+
+    torch.manual_seed(seed * 100_003)  # fit's torch stream of epoch 0
+    train = mean(data.index("train"), batch_size, seed * 100_003, True)
+    val = mean(data.index("val"), 3, None, False)
+    np.testing.assert_allclose(hist.loc[0, ["train_loss", "train_text_xray", "train_text_ecg"]].to_numpy(float), train,
+                               rtol=1e-5)
+    np.testing.assert_allclose(hist.loc[0, ["val_loss", "val_text_xray", "val_text_ecg"]].to_numpy(float), val,
+                               rtol=1e-5)
+
+
+def test_learnable_temperature_is_trained(data, trained):
+    # the learnable temperature is in the optimizer: its AdamW step after the first batch changes the second
+    # batch's loss, so the epoch's training loss differs from the fixed-temperature run of the same seed
+    _, fixed = trained
+    _, learnt = p3.pretrain(data, SMOKE.replace(learnable_temperature=True), seed=0)
+    assert abs(learnt.loc[0, "train_loss"] - fixed.loc[0, "train_loss"]) > 1e-6
+    assert learnt.loc[0, "val_loss"] != fixed.loc[0, "val_loss"]
+
+
 def test_two_modality_pretraining_has_no_ecg_term(data):
     model, hist = p3.pretrain(data, SMOKE, modalities=("xray",), seed=3)
     assert not any("ecg" in c for c in hist.columns) and "train_text_xray" in hist

@@ -14,7 +14,8 @@ Stages, each a plain function called in order:
    modality into a shared, L2-normalised space.
 4. :func:`pretrain` -- AdamW on :class:`~mmlib.losses.TriModalLoss` (text-X-ray and text-ECG
    InfoNCE; ``modalities=("xray",)`` or ``("ecg",)`` for the two-modality ablation), train and
-   validation loss per epoch.
+   validation loss per epoch; the loop is :func:`mmlib.train.fit`, so it runs data-parallel under
+   ``torchrun --nproc_per_node=N``.
 5. Evaluation on the test split: :func:`embed` (the embeddings of some rows),
    :func:`zero_shot_table` (AUROC of prompt scores per finding / superclass),
    :func:`retrieval_table` (recall@k in every direction among text, X-ray and ECG, with the
@@ -410,31 +411,48 @@ def _check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     return mods
 
 
-def _epoch(model: MoRE, loss_fn: nn.Module, data: P3Data, idx: np.ndarray, mods: tuple[str, ...],
-           batch_size: int, device: torch.device, opt: torch.optim.Optimizer | None,
-           shuffle_seed: int | None) -> dict[str, float]:
-    """One pass over ``idx`` (training when ``opt`` is given): sample-weighted means of the loss terms."""
-    from mmlib.train import index_batches
+class _PretrainLoss(nn.Module):
+    """``loss_fn(model, batch)`` of :func:`mmlib.train.fit`: :class:`~mmlib.losses.TriModalLoss` on MoRE's embeddings.
 
-    sums: dict[str, float] = {}
-    n = 0
-    for chunk in index_batches(idx, batch_size, shuffle_seed=shuffle_seed):
-        if len(chunk) < 2:  # InfoNCE of one pair is 0 with no gradient
+    A module, so that ``fit`` puts it inside its DistributedDataParallel wrapper: a learnable
+    temperature is then synchronised across ranks like the model's weights (a fixed one is a buffer).
+    Returns ``loss`` and the per-pair terms (``text_xray`` / ``text_ecg``, those of the batch's
+    modalities), which ``fit`` logs as ``train_<term>`` / ``val_<term>``.
+    """
+
+    def __init__(self, temperature: float, learnable: bool) -> None:
+        super().__init__()
+        from mmlib.losses import TriModalLoss
+
+        self.trimodal = TriModalLoss(temperature, learnable=learnable)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        emb = model(batch)
+        out = self.trimodal(emb["text"], emb.get("xray"), emb.get("ecg"))
+        return {k: out[k] for k in ("loss", "text_xray", "text_ecg") if k in out}
+
+
+def _frozen_stages(model: MoRE, untrained: Sequence[str]) -> tuple[str, ...]:
+    """Submodule paths for a :class:`~mmlib.train.FreezeSchedule` that keeps ``fit`` from training what
+    :func:`pretrain` does not train.
+
+    ``fit`` sets ``requires_grad`` on every parameter of the model outside the schedule's frozen stages,
+    which would unfreeze the pretrained text weights that LoRA (or ``"frozen"`` mode, or ``train_layers``)
+    keeps fixed. The stages are the encoders and heads of ``untrained`` (modalities left out) and every
+    module whose own parameters are all frozen now: those are leaves (Linear, LayerNorm, Embedding), so
+    the eval mode ``fit`` gives frozen stages changes no dropout.
+    """
+    stages = [s for m in untrained for s in (m, f"heads.{m}")]
+    for name, module in model.named_modules():
+        if any(name == s or name.startswith(s + ".") for s in stages):
             continue
-        batch = data.batch(chunk, mods)
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.set_grad_enabled(opt is not None):
-            emb = model(batch)
-            out = loss_fn(emb["text"], emb.get("xray"), emb.get("ecg"))
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-        for key in ("loss", "text_xray", "text_ecg"):
-            if key in out:
-                sums[key] = sums.get(key, 0.0) + float(out[key].detach()) * len(chunk)
-        n += len(chunk)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            stages.append(name)
+        elif any(not p.requires_grad for p in own):
+            raise RuntimeError(f"pretrain: module {name!r} mixes trainable and frozen parameters; "
+                               "fit's freezing schedule cannot keep only some of them frozen")
+    return tuple(stages)
 
 
 def pretrain(data: P3Data, prof: P3Profile, *, modalities: Sequence[str] = MODALITIES, text_mode: str | None = None,
@@ -443,25 +461,50 @@ def pretrain(data: P3Data, prof: P3Profile, *, modalities: Sequence[str] = MODAL
     """Contrastive pre-training of :class:`MoRE` on the training split, validation loss per epoch.
 
     AdamW (encoders and heads at ``prof.lr``, the trainable text weights at ``prof.text_lr``, weight
-    decay ``prof.weight_decay``), :class:`~mmlib.losses.TriModalLoss` at ``prof.temperature``. Only the
-    encoders of ``modalities`` (and the text side) are given to the optimizer: with
-    ``modalities=("xray",)`` the ECG encoder and head are never updated and the loss has no ECG term.
-    The batches are reshuffled every epoch by a generator seeded with ``seed`` and the epoch; the
-    weights, DropKey and LoRA dropout draw from torch's generator seeded with ``seed``; so two runs
-    with one seed on one device give the same history. A last batch of one pair is skipped.
+    decay ``prof.weight_decay``), :class:`~mmlib.losses.TriModalLoss` at ``prof.temperature`` (a
+    learnable one in the optimizer with the text head). Only the encoders of ``modalities`` (and the
+    text side) are given to the optimizer: with ``modalities=("xray",)`` the ECG encoder and head are
+    never updated and the loss has no ECG term.
+
+    The loop is :func:`mmlib.train.fit`, so pre-training runs data-parallel under
+    ``torchrun --nproc_per_node=N`` (one process otherwise). The batches are reshuffled every epoch by a
+    generator seeded with ``seed * 100_003 + epoch``; the weights draw from torch's generator seeded
+    with ``seed``, DropKey and LoRA dropout from the one ``fit`` seeds at each epoch with ``seed`` and
+    the epoch; so two runs with one seed on one device give the same history. A training batch is
+    skipped when it has fewer than 2 pairs per process (InfoNCE of one pair is 0, with no gradient)
+    or, under data parallelism, when it does not divide by the world size (``fit`` gives each rank an
+    equal contiguous shard): only the last batch of an epoch can be skipped, and ``prof.batch_size``
+    must divide by the world size. Validation batches of one pair are skipped too; validation is not
+    sharded (every rank scores every validation pair).
+
+    Under data parallelism :class:`~mmlib.losses.TriModalLoss` gathers the other ranks' embeddings, so
+    each rank's reports are contrasted with the whole global batch's signals (and the reverse): the
+    negatives, the loss and its gradient are the single-process ones of the global batch.
+
+    The epoch's ``train_*`` values are ``fit``'s means: each batch's loss weighted by its number of pairs
+    (the pair-weighted mean the loop had before ``fit``); under data parallelism each rank's shard loss
+    weighted by the shard's pairs, sums and counts all-reduced, so every rank logs the same global mean.
 
     Returns:
-        ``(model, history)``: the model in eval mode; one row per epoch with ``epoch``, ``train_loss``,
-        ``val_loss``, the per-pair terms ``train_text_xray`` / ``val_text_xray`` /
-        ``train_text_ecg`` / ``val_text_ecg`` (those of ``modalities`` only) and ``seconds``.
+        ``(model, history)``: the model after the last epoch, in eval mode; one row per epoch with
+        ``epoch`` (from 1), ``train_loss``, ``val_loss`` (NaN without two validation pairs), the
+        per-pair terms ``train_text_xray`` / ``val_text_xray`` / ``train_text_ecg`` / ``val_text_ecg``
+        (those of ``modalities`` only) and ``seconds``.
     """
-    from mmlib.losses import TriModalLoss
+    from mmlib import distributed
+    from mmlib.train import FreezeSchedule, fit, index_batches
 
     mods = _check_modalities(modalities)
-    device = core.select_device(device) if isinstance(device, str) else device
+    device = core.select_device(device) if isinstance(device, str) else torch.device(device)
+    if device.type == "cuda" and device.index is None and distributed.launched_world_size() > 1:
+        device = distributed.setup("nccl")  # cuda:LOCAL_RANK: the loss module must sit on fit's device
+    world = distributed.launched_world_size() if not distributed.is_initialized() else distributed.world_size()
+    if prof.batch_size % world:
+        raise ValueError(f"pretrain: batch_size {prof.batch_size} does not divide by the world size {world}; "
+                         "every training batch must split into equal shards")
     torch.manual_seed(seed)
     model = build_model(prof, text_mode=text_mode, dropkey_mode=dropkey_mode).to(device)
-    loss_fn = TriModalLoss(prof.temperature, learnable=prof.learnable_temperature).to(device)
+    loss_fn = _PretrainLoss(prof.temperature, prof.learnable_temperature).to(device)
     groups: list[dict[str, Any]] = [
         {"params": [p for m in mods for p in (*getattr(model, m).parameters(), *model.heads[m].parameters())],
          "lr": prof.lr},
@@ -469,25 +512,38 @@ def pretrain(data: P3Data, prof: P3Profile, *, modalities: Sequence[str] = MODAL
         {"params": [p for p in model.text.parameters() if p.requires_grad], "lr": prof.text_lr},
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=prof.weight_decay)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    schedule = FreezeSchedule("MoRE pre-training", frozen=_frozen_stages(model, [m for m in MODALITIES if m not in mods]))
     train, val = data.index("train"), data.index("val")
-    rows = []
-    for epoch in core.progress(range(prof.epochs), desc="MoRE pre-training", total=prof.epochs):
-        start = time.perf_counter()
-        model.train()
-        tr = _epoch(model, loss_fn, data, train, mods, prof.batch_size, device, opt, seed * 100_003 + epoch)
-        model.eval()
-        va = _epoch(model, loss_fn, data, val, mods, prof.eval_batch_size, device, None, None) if len(val) > 1 else {}
-        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": tr.get("loss", float("nan")),
-                                 "val_loss": va.get("loss", float("nan"))}
-        for key in ("text_xray", "text_ecg"):
-            if key in tr:
-                row[f"train_{key}"] = tr[key]
-                row[f"val_{key}"] = va.get(key, float("nan"))
-        row["seconds"] = time.perf_counter() - start
-        rows.append(row)
-        log.debug("epoch %d: %s", epoch + 1, row)
+
+    def train_batches(epoch: int):
+        for chunk in index_batches(train, prof.batch_size, shuffle_seed=seed * 100_003 + epoch):
+            if len(chunk) >= 2 * world and len(chunk) % world == 0:
+                yield data.batch(chunk, mods)
+
+    def val_batches():
+        for chunk in index_batches(val, prof.eval_batch_size):
+            if len(chunk) >= 2:
+                yield data.batch(chunk, mods)
+
+    hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches if len(val) > 1 else None,
+               epochs=prof.epochs, optimizer=opt, schedule=schedule, device=device, seed=seed,
+               desc="MoRE pre-training")
+    for p, flag in zip(model.parameters(), requires_grad):  # fit leaves the untrained modality frozen
+        p.requires_grad_(flag)
     model.eval()
-    return model, pd.DataFrame(rows)
+    if hist.empty:  # no epochs
+        return model, pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "seconds"])
+    rows = pd.DataFrame({"epoch": hist["epoch"].astype(int) + 1, "train_loss": hist["train_loss"].astype(float),
+                         "val_loss": pd.to_numeric(hist["val_loss"]).astype(float)})
+    for key in ("text_xray", "text_ecg"):
+        if f"train_{key}" in hist:
+            rows[f"train_{key}"] = hist[f"train_{key}"].astype(float)
+            rows[f"val_{key}"] = hist[f"val_{key}"].astype(float) if f"val_{key}" in hist else float("nan")
+    rows["seconds"] = hist["seconds"].astype(float)
+    for row in rows.to_dict("records"):
+        log.debug("epoch %d: %s", row["epoch"], row)
+    return model, rows
 
 
 # --------------------------------------------------------------------------- evaluation
