@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "all_reduce_sums",
     "barrier",
+    "batch_rows",
     "cleanup",
     "collective_device",
     "is_initialized",
@@ -46,6 +47,7 @@ __all__ = [
     "rank",
     "setup",
     "shard",
+    "trim",
     "world_size",
 ]
 
@@ -196,6 +198,35 @@ def shard(batch: Mapping[str, Any], rank: int | None = None, world: int | None =
             out[k] = v[lo:hi]
         else:
             out[k] = v
+    return out
+
+
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """B, the leading size of the batch's first tensor (or array) with a batch dimension (as :func:`shard` sees it)."""
+    return _rows(batch)
+
+
+def trim(batch: Mapping[str, Any], world: int | None = None) -> dict[str, Any] | None:
+    """The batch cut to its first ``B - B mod world`` rows, so :func:`shard` splits it evenly.
+
+    Cuts what :func:`shard` would slice (tensors, arrays, lists and tuples of length B) and leaves
+    the rest; returns the batch unchanged (a new dict) when B already divides, and None when
+    B < ``world`` (nothing to give every rank). Every rank builds the same global batch, so every
+    rank makes the same choice.
+    """
+    world = world_size() if world is None else int(world)
+    if world < 1:
+        raise ValueError(f"trim: world must be >= 1, got {world}")
+    b = _rows(batch)
+    keep = b - b % world
+    if keep == 0:
+        return None
+    if keep == b:
+        return dict(batch)
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        array = (torch.is_tensor(v) or isinstance(v, np.ndarray)) and v.ndim > 0 and v.shape[0] == b
+        out[k] = v[:keep] if array or (isinstance(v, (list, tuple)) and len(v) == b) else v
     return out
 
 

@@ -353,6 +353,8 @@ def fit(
     desc: str = "train",
     lr_factor: Callable[[int], float] | None = None,
     find_unused_parameters: bool = True,
+    step_lr_factor: Callable[[int], float] | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Train ``model`` for ``epochs``; returns one row per epoch.
 
@@ -381,6 +383,16 @@ def fit(
         lr_factor: ``lr_factor(epoch)`` multiplies each parameter group's initial learning rate
             for that epoch (warmup, cosine decay, ...); a function of the epoch alone, so a
             resumed run follows the same schedule. The epoch's rate is logged as ``lr``.
+        step_lr_factor: ``step_lr_factor(step)`` multiplies each parameter group's initial
+            learning rate at optimizer step ``step``: the number of optimizer steps this training
+            has taken before this one (0 for the first batch of epoch 0, then 1, 2, ... across
+            epochs; a per-step warmup or cosine decay). The count is written to ``<stem>.last``
+            (meta ``steps``) and a resumed run continues it, so it follows the same schedule
+            (a ``<stem>.last`` without that count is treated as having other settings). With
+            ``lr_factor`` as well, the rate is ``lr0 * lr_factor(epoch) * step_lr_factor(step)``;
+            ``lr`` then logs the rate of the epoch's last step.
+        progress: show the per-epoch progress bar (rank 0 only); ``False`` for a caller that
+            trains many small models under its own bar.
         find_unused_parameters: passed to DistributedDataParallel (ignored on one process).
             ``True`` tolerates trainable parameters that a loss leaves without a gradient (an
             unused head) at the cost of one graph traversal per step; ``False`` is faster when
@@ -388,14 +400,18 @@ def fit(
 
     Returns:
         DataFrame with ``epoch``, ``train_loss``, ``val_loss``, ``trainable``, ``seconds``, ``best``
-        (plus ``lr`` with ``lr_factor`` and the extra loss terms of a dict-returning ``loss_fn``).
+        (plus ``lr`` with ``lr_factor`` or ``step_lr_factor``, and the extra loss terms of a
+        dict-returning ``loss_fn``).
 
     Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (``fit`` then calls
     :func:`mmlib.distributed.setup` itself: NCCL for a CUDA ``device``, gloo otherwise, and a bare
     ``"cuda"`` becomes ``cuda:LOCAL_RANK``), or under a process group the caller initialised, every
     rank must build the same global batches (seed them by the epoch, as the pipelines do) and each
-    trains on its contiguous :func:`mmlib.distributed.shard`, so every training batch must divide by
-    the world size (``ValueError`` otherwise). The call ``loss_fn(model, batch)`` runs inside the
+    trains on its contiguous :func:`mmlib.distributed.shard`. A training batch whose size does not
+    divide by the world size W loses its last ``B mod W`` rows (at most W - 1; a batch of fewer than
+    W rows is skipped on every rank; :func:`mmlib.distributed.trim`, logged once), as a
+    ``DistributedSampler(drop_last=True)`` would: equal shards are what make DDP's averaged gradient
+    the global batch's. The call ``loss_fn(model, batch)`` runs inside the
     forward of a DistributedDataParallel wrapper around the model (and ``loss_fn`` itself when it is
     a module), so ``loss_fn`` still gets the plain model (attributes, ``m.training``, methods other
     than ``forward`` all work) while DDP sees the whole step and averages the gradients over ranks:
@@ -427,16 +443,22 @@ def fit(
     meta = dict(meta or {}, epochs=epochs, schedule=schedule.name, seed=seed)
     rows: list[dict[str, Any]] = []
     start = 0
+    step = 0  # optimizer steps taken so far (step_lr_factor's argument), continued on resume
     best = math.inf
+    base_lr = [g["lr"] for g in optimizer.param_groups]  # the initial rates, before a resume loads the last ones
     stem = _stem(checkpoint) if checkpoint is not None else None
     if stem is not None and resume and stem.with_name(stem.name + ".last.json").is_file():
         state, saved = load_checkpoint(stem.with_name(stem.name + ".last"))
-        same = {k: v for k, v in saved.items() if k not in ("history", "epoch")} == json.loads(json.dumps(meta, default=str))
+        kept = {k: v for k, v in saved.items() if k not in ("history", "epoch", "steps")}
+        same = kept == json.loads(json.dumps(meta, default=str))
+        if same and step_lr_factor is not None and "steps" not in saved:
+            same = False  # written before the step count was kept: the schedule cannot be continued
         if same:
             model.load_state_dict(state)
             _load_optimizer(stem.with_name(stem.name + ".last"), optimizer)
             rows = list(saved["history"])
             start = int(saved["epoch"]) + 1
+            step = int(saved.get("steps", 0))
             best = min([r["val_loss"] if r["val_loss"] is not None else math.inf for r in rows] or [math.inf])
             if rank == 0:
                 log.info("%s: resumed after epoch %d from %s", desc, start - 1, stem.with_name(stem.name + ".last"))
@@ -447,23 +469,36 @@ def fit(
     if world > 1:
         writes_checkpoints = _check_ranks_agree(desc, start, stem)
         replica = _Replica(model, loss_fn, device, find_unused_parameters)
-    base_lr = [g["lr"] for g in optimizer.param_groups]
-    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start, disable=rank != 0)
+    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start,
+                        disable=rank != 0 or not progress)
+    trimmed_rows = 0
     for epoch in bar:
         t0 = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)
         n_trainable = apply_freeze(model, schedule, epoch, train=True)
         if replica is not None:
             replica.follow_trainable()
+        epoch_factor = 1.0 if lr_factor is None else float(lr_factor(epoch))
         if lr_factor is not None:
             for g, lr0 in zip(optimizer.param_groups, base_lr):
-                g["lr"] = lr0 * float(lr_factor(epoch))
+                g["lr"] = lr0 * epoch_factor
         sums: dict[str, float] = {}
         count = 0
         for batch in train_batches(epoch):
             if replica is not None:
+                full = distributed.batch_rows(batch)
+                batch = distributed.trim(batch, world)
+                if trimmed_rows == 0 and (batch is None or distributed.batch_rows(batch) < full) and rank == 0:
+                    log.info("%s: a batch of %d rows does not divide over %d processes; its last rows are dropped "
+                             "(every such batch loses at most %d)", desc, full, world, world - 1)
+                trimmed_rows += full - (0 if batch is None else distributed.batch_rows(batch))
+                if batch is None:
+                    continue
                 batch = distributed.shard(batch, rank, world)
             batch = to_device(batch, device)
+            if step_lr_factor is not None:
+                for g, lr0 in zip(optimizer.param_groups, base_lr):
+                    g["lr"] = lr0 * epoch_factor * float(step_lr_factor(step))
             optimizer.zero_grad(set_to_none=True)
             with core.autocast(device, precision):
                 loss, terms = _loss_terms(loss_fn(model, batch) if replica is None else replica(batch))
@@ -473,6 +508,7 @@ def fit(
                 raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
             loss.backward()
             optimizer.step()
+            step += 1
             n = _batch_size(batch)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * n
@@ -506,7 +542,7 @@ def fit(
         best = min(best, score)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
                "seconds": round(time.perf_counter() - t0 if seconds is None else seconds, 3), "best": is_best}
-        if lr_factor is not None:
+        if lr_factor is not None or step_lr_factor is not None:
             row["lr"] = optimizer.param_groups[0]["lr"]
         row.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
         row.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
@@ -518,7 +554,7 @@ def fit(
                 if is_best:
                     save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
                 save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
-                                meta=dict(meta, epoch=epoch, history=rows))
+                                meta=dict(meta, epoch=epoch, history=rows, steps=step))
             if replica is not None:
                 distributed.barrier()  # nobody reads a checkpoint before rank 0 has written it
     if replica is not None:

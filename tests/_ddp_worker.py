@@ -106,7 +106,19 @@ def _trimodal(m: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {k: out[k] for k in ("loss", "text_xray", "text_ecg")}
 
 
-CASES = ("conv", "clip", "unfreeze", "trimodal")
+def _trim_batches(epoch: int) -> list[dict[str, Any]]:
+    """7 rows under DDP (fit must drop the 7th), the same first 6 rows on one process (the reference),
+    and a batch of one row that no rank can share (skipped under DDP, so left out of the reference)."""
+    from mmlib import distributed
+
+    rows = _conv_batch(500 + epoch)
+    seven = {k: v[:7] for k, v in rows.items()}
+    if distributed.world_size() > 1:
+        return [seven, {k: v[7:] for k, v in rows.items()}]
+    return [{k: v[:6] for k, v in rows.items()}]
+
+
+CASES = ("conv", "clip", "unfreeze", "trimodal", "trim")
 
 
 def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -116,6 +128,7 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
     - ``clip``: one epoch of one SGD step of a two-tower model with a gathered ClipLoss.
     - ``unfreeze``: two epochs of one SGD-with-momentum step each; ``conv`` is frozen in epoch 0
       and unfreezes in epoch 1, so it is only synchronised if fit rebuilds the DDP wrapper.
+    - ``trim``: one SGD step on a batch of 7 rows, which 2 ranks cannot share evenly.
     - ``trimodal``: two epochs of one SGD step each of three towers with a gathered, learnable
       TriModalLoss (P3's objective).
     """
@@ -142,6 +155,10 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
         model, loss_fn, epochs = ThreeTower().double(), _trimodal, 2
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         train_batches = lambda epoch: [_tri_batch(400 + epoch)]
+    elif name == "trim":
+        model, loss_fn, epochs = ConvClassifier().double(), _cross_entropy, 1
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_batches = _trim_batches
     else:
         raise ValueError(name)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches, epochs=epochs,

@@ -112,6 +112,42 @@ def test_cross_validation_is_deterministic_for_a_seed(planted_cv):
     pd.testing.assert_frame_equal(a, again.predictions["UMEML"], check_exact=True)
 
 
+def test_fit_runs_on_the_shared_loop_with_length_batches_and_a_per_step_cosine(monkeypatch):
+    import math
+
+    import mmlib.train
+
+    data = _planted(n=40)
+    train = np.arange(33)
+    prof = PROF.replace(epochs=2, batch_size=8)
+    seen = {}
+    real_fit = mmlib.train.fit
+
+    def spy(model, **kw):
+        seen.update(kw)
+        return real_fit(model, **kw)
+
+    monkeypatch.setattr(mmlib.train, "fit", spy)
+    rna, bins = torch.from_numpy(data.rna), torch.zeros(40, dtype=torch.long)
+    spec = next(s for s in p5.model_specs(prof) if s.name == "UMEML")
+    _, history = p5._fit(spec, data, train, prof, p5.TASKS, rna, bins, seed=4, device=torch.device("cpu"))
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "loss grade", "loss subtype", "loss survival", "loss modularity"}
+    lengths = np.array([len(b) for b in data.bags])
+    for epoch in range(2):  # the old loop's batches, in its order, each padded with its rows alongside
+        batches = list(seen["train_batches"](epoch))
+        want = list(p5.length_batches(train, lengths, 8, seed=4 * 1000 + epoch))
+        assert [b["rows"].tolist() for b in batches] == [w.tolist() for w in want]
+        for b in batches:
+            assert b["patches"].shape[:2] == (len(b["rows"]), lengths[b["rows"]].max())
+            assert (~b["patches_mask"]).sum(1).tolist() == lengths[b["rows"]].tolist()
+    steps = 2 * 5  # ceil(33 / 8) batches per epoch
+    f = seen["step_lr_factor"]
+    cosine = [0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
+    assert [f(k) for k in range(steps)] == pytest.approx(cosine)
+    assert seen.get("lr_factor") is None and seen["epochs"] == 2
+
+
 def test_prototype_recovery_scores_assignments_against_the_true_programs(planted_cv):
     data, cv = planted_cv
     rec = p5.prototype_recovery(cv, data, PROF).set_index("method")

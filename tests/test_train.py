@@ -321,6 +321,52 @@ def test_fit_does_not_resume_with_other_meta(tmp_path):
     assert calls == [0, 1, 2, 3]
 
 
+def test_fit_step_lr_factor_follows_the_global_optimizer_step_and_resumes_its_count(tmp_path):
+    n_batches = [3, 2, 4, 1]  # unequal epochs: the step is not epoch * a constant
+    epoch_factor = [1.0, 0.5, 1.0, 0.25]
+
+    def step_factor(step):
+        return 1.0 / (1 + step)
+
+    def run(stem, *, seen, stop_at=None, model_seed=0):
+        torch.manual_seed(model_seed)
+        model = nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def train_batches(epoch):
+            if epoch == stop_at:
+                raise _Interrupt
+            g = torch.Generator().manual_seed(epoch)
+            return [{"x": torch.randn(4, 3, generator=g)} for _ in range(n_batches[epoch])]
+
+        def loss_fn(m, batch):
+            seen.append(opt.param_groups[0]["lr"])  # the rate the coming optimizer step uses
+            return (m(batch["x"]) - 1).pow(2).mean()
+
+        hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, epochs=4, optimizer=opt, checkpoint=stem,
+                   step_lr_factor=step_factor, lr_factor=lambda e: epoch_factor[e])
+        return model, hist
+
+    epochs = [e for e, n in enumerate(n_batches) for _ in range(n)]
+    expected = [0.1 * epoch_factor[e] * step_factor(s) for s, e in enumerate(epochs)]
+    seen = []
+    ref, hist = run(tmp_path / "a" / "run", seen=seen)
+    assert seen == pytest.approx(expected, rel=1e-12)
+    last = np.cumsum(n_batches) - 1
+    assert list(hist["lr"]) == pytest.approx([expected[i] for i in last], rel=1e-12)  # the epoch's last step
+    assert load_checkpoint(tmp_path / "a" / "run.last")[1]["steps"] == sum(n_batches)
+
+    stem = tmp_path / "b" / "run"
+    with pytest.raises(_Interrupt):
+        run(stem, seen=[], stop_at=2)  # dies after epochs 0 and 1 (5 steps) were saved
+    seen = []
+    model, resumed = run(stem, seen=seen, model_seed=99)
+    assert seen == pytest.approx(expected[5:], rel=1e-12)  # the count continues at step 5
+    assert list(resumed["lr"]) == list(hist["lr"])
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -21,6 +21,7 @@ Stages, each a plain function the notebook calls in order:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,36 +379,60 @@ def _task_losses(out: dict, data: P5Data, idx: np.ndarray, bins: torch.Tensor, t
 
 def _fit(spec: ModelSpec, data: P5Data, train: np.ndarray, prof: P5Profile, tasks: Sequence[str], rna: torch.Tensor,
          bins: torch.Tensor, *, seed: int, device: torch.device) -> tuple[nn.Module, list[dict]]:
-    """Train one model for ``prof.epochs`` epochs on the rows ``train`` (Adam, cosine schedule)."""
+    """Train one model for ``prof.epochs`` epochs on the rows ``train`` (Adam, per-step cosine schedule).
+
+    Runs on :func:`mmlib.train.fit`, so it trains data-parallel under ``torchrun``. Each epoch's
+    batches are :func:`length_batches` of ``train`` (seeded by ``seed * 1000 + epoch``), padded to
+    their longest bag; ``rows`` (the batch's subject indices) travels with the padded tensors, so
+    each rank's shard holds its rows' labels. Under more than one process every batch must divide
+    by the world size: the last ``len % world`` rows of a batch are dropped for that epoch (and a
+    batch smaller than the world size is skipped); with one process nothing is dropped. The
+    learning rate follows a cosine from ``prof.lr`` to 0 over all optimizer steps, stepped per batch.
+    Returns the model and one history row per epoch (``epoch`` from 1, ``loss <task>``, and
+    ``loss modularity`` when the model trains with it).
+    """
+    from mmlib import distributed
+    from mmlib.train import fit
+
     outputs = {"grade": len(data.grade_names), "subtype": len(data.subtype_names), "survival": prof.n_bins}
     torch.manual_seed(seed)
-    model = build_model(spec, data, prof, {t: outputs[t] for t in tasks}).to(device)
+    model = build_model(spec, data, prof, {t: outputs[t] for t in tasks})
     opt = torch.optim.Adam(model.parameters(), lr=prof.lr, weight_decay=prof.weight_decay)
-    steps = prof.epochs * -(-len(train) // prof.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    history = []
     lengths = np.array([len(b) for b in data.bags])
-    for epoch in range(prof.epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        n = 0
+    world = distributed.world_size() if distributed.is_initialized() else distributed.launched_world_size()
+    with_mod = bool(spec.modularity and prof.gamma)
+
+    def chunks(epoch: int):
         for chunk in length_batches(train, lengths, prof.batch_size, seed=seed * 1000 + epoch):
-            batch = _batch(data, chunk, rna, device)
-            with_mod = bool(spec.modularity and prof.gamma)
-            out = model(batch, compute_modularity=with_mod) if spec.kind == "umeml" else model(batch)
-            losses = _task_losses(out, data, chunk, bins, tasks, device)
-            loss = sum(losses.values())
-            if with_mod:
-                losses["modularity"] = out["modularity_loss"]
-                loss = loss + prof.gamma * losses["modularity"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(chunk)
-            n += len(chunk)
-        history.append({"epoch": epoch + 1, **{f"loss {k}": v / n for k, v in sums.items()}})
+            chunk = chunk[: len(chunk) - len(chunk) % world]
+            if len(chunk):
+                yield chunk
+
+    def train_batches(epoch: int):
+        for chunk in chunks(epoch):
+            yield {"rows": chunk, **_batch(data, chunk, rna, torch.device("cpu"))}
+
+    def loss_fn(m: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        rows = batch["rows"]
+        out = m(batch, compute_modularity=with_mod) if spec.kind == "umeml" else m(batch)
+        losses = _task_losses(out, data, rows, bins, tasks, batch["patches"].device)
+        loss = sum(losses.values())
+        if with_mod:
+            losses["modularity"] = out["modularity_loss"]
+            loss = loss + prof.gamma * losses["modularity"]
+        return {"loss": loss, **losses}
+
+    # the cosine of torch's CosineAnnealingLR (eta_min 0) over every step of the run, in closed form
+    steps = max(1, prof.epochs * sum(1 for _ in chunks(0)))  # batch sizes do not depend on the epoch
+
+    def cosine(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+    hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, epochs=prof.epochs, optimizer=opt,
+               device=device, seed=seed, step_lr_factor=cosine, desc=f"{spec.name} {'+'.join(tasks)}",
+               progress=False)  # cross_validate's bar counts the fits
+    history = [{"epoch": int(r["epoch"]) + 1, **{f"loss {k}": r[f"train_{k}"] for k in (*tasks, "modularity")
+                                                  if f"train_{k}" in r}} for r in hist.to_dict("records")]
     return model, history
 
 
