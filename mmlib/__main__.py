@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_cmd_run)
 
     tr = sub.add_parser("train", help="a pipeline's training stages without a notebook (one process or torchrun)")
-    tr.add_argument("pipeline", choices=("p1", "p2"))
+    tr.add_argument("pipeline", choices=("p1", "p2", "p3", "p4", "p5"))
     tr.add_argument("--profile", default="full", choices=("smoke", "quick", "full"))
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: each rank's own GPU)")

@@ -5,17 +5,23 @@ For long ``full``-profile runs, on one process or several::
     python -m mmlib train p2 --profile full --data-dir data --out results/train_p2
     torchrun --standalone --nproc_per_node=4 -m mmlib train p2 --profile full --data-dir data
 
-The stages are the ones the pipeline's notebook runs (P1: the five pretraining objectives, then
-every compared method's fine-tuning; P2: both autoencoders, then every backbone x setup x seed),
-through :func:`mmlib.train.fit`, so under torchrun each global batch is split over the ranks
-with DistributedDataParallel. Checkpoints land in ``<out>/checkpoints`` under the names the
-notebook uses: point the notebook's ``out_dir`` at ``<out>`` with ``resume=True`` and it
-picks them up instead of training again. Rank 0 generates a missing cohort (the others wait),
-writes the checkpoints, the loss histories and ``run.json`` (commit, versions, parameters, seed,
-device, world size, seconds per stage).
+The stages are the ones the pipeline's notebook runs, every network trained through
+:func:`mmlib.train.fit`, so under torchrun each global batch is split over the ranks with
+DistributedDataParallel:
 
-Only pipelines whose training goes through :func:`mmlib.train.fit` are offered (P1, P2); P3,
-P4 and P5 train in their own loops and run from their notebooks.
+- P1: the five pretraining objectives, then every compared method's fine-tuning;
+- P2: both autoencoders, then every backbone x setup x seed;
+- P3: MoRE's contrastive pre-training (the main run), then every ablation's pre-training;
+- P4: the CT autoencoder and the EHR foundation model, then the survival models on their
+  embeddings (small networks on precomputed features, trained by their own early-stopping loop:
+  every rank trains the same ones, and only rank 0 writes);
+- P5: every model of the cross-validation, fold by fold.
+
+Checkpoints land in ``<out>/checkpoints`` under the names the notebook uses (P1, P2, P4's
+encoders): point the notebook's ``out_dir`` at ``<out>`` with ``resume=True`` and it picks them
+up instead of training again. Rank 0 generates a missing cohort (the others wait), writes the
+checkpoints, the tables and ``run.json`` (commit, versions, parameters, seed, device, world size,
+seconds per stage).
 """
 
 from __future__ import annotations
@@ -69,9 +75,57 @@ def _p2(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
         run.table(p2.table2(ft), "table2", caption="Test AUC per backbone and setup (P2 Table 2)")
 
 
+def _p3(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
+    from mmlib.pipelines import p3
+
+    data = p3.load_data(cohort, prof)
+    with _stage(run, "pretrain"):
+        model, history = p3.pretrain(data, prof, seed=seed, device=dev)
+    with _stage(run, "ablations"):
+        ablations, histories = p3.run_ablations(data, prof, seed=seed, device=dev, main=(model, history))
+    if run is not None:
+        run.table(history, "pretraining_history", caption="Contrastive loss per epoch (train and validation)")
+        run.table(p3.retrieval_table(model, data), "retrieval", caption="Recall@k in every direction (test split)")
+        run.table(ablations, "ablations", caption="Every ablation's pre-training, summarised on the test split")
+        run.table(histories, "ablation_histories", caption="Pre-training history of every variant")
+
+
+def _p4(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
+    from mmlib.pipelines import p4
+
+    data = p4.load_data(cohort, prof)
+    with _stage(run, "pretrain"):
+        enc = p4.pretrain_encoders(data, prof, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
+    with _stage(run, "survival"):
+        emb = p4.embed(data, enc, device=dev)
+        trained = p4.train_models(emb, data, prof, device=dev, seed=seed)
+    if run is not None:
+        run.table(enc.ct_history, "ct_pretraining_history", caption="CT autoencoder: L1 loss per epoch")
+        run.table(enc.ehr_history, "ehr_pretraining_history", caption="EHR foundation model: loss per epoch")
+        run.table(trained.history, "training_history", caption="Cox loss per epoch, model and seed")
+        run.table(p4.cindex_table(trained, data, prof, seed=seed), "cindex",
+                  caption="Harrell's c-index (95% bootstrap CI), internal test and external site")
+
+
+def _p5(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
+    from mmlib.pipelines import p5
+
+    data = p5.load_data(cohort, prof, seed=seed)
+    with _stage(run, "cross-validation"):
+        cv = p5.cross_validate(data, prof, seed=seed, device=dev)
+    if run is not None:
+        per_fold = p5.fold_metrics(cv, data)
+        run.table(cv.history, "training_history", caption="Training losses per epoch, model and fold")
+        run.table(per_fold, "per_fold_metrics", caption="Every model's metrics on every held-out fold")
+        run.table(p5.comparison_table(per_fold), "comparison", caption="Mean and sd over folds per model")
+
+
 TRAINABLE: dict[str, _Trainer] = {
     "p1": _Trainer("p1_stroke_mri_clip_itm", "stroke_mri", _p1),
     "p2": _Trainer("p2_stroke_cta_ssl_freezing", "stroke_cta", _p2),
+    "p3": _Trainer("p3_more_xray_ecg_text", "xray_ecg", _p3),
+    "p4": _Trainer("p4_ct_ehr_survival_fusion", "ct_ehr", _p4),
+    "p5": _Trainer("p5_umeml_histology_genomics", "glioma", _p5),
 }
 
 
@@ -95,8 +149,7 @@ def train_pipeline(pipeline: str, *, profile: str = "full", seed: int = 0, devic
         resume: continue interrupted stages from ``<out_dir>/checkpoints``.
     """
     if pipeline not in TRAINABLE:
-        raise ValueError(f"unknown pipeline {pipeline!r}; `python -m mmlib train` runs {sorted(TRAINABLE)} "
-                         "(P3-P5 train in their own loops: run their notebooks)")
+        raise ValueError(f"unknown pipeline {pipeline!r}; `python -m mmlib train` runs {sorted(TRAINABLE)}")
     from importlib import import_module
 
     from mmlib.cohorts import open_cohort

@@ -54,6 +54,18 @@ def test_shard_takes_contiguous_rows_and_rejects_indivisible_batches():
         distributed.shard({"scale": 3.0}, 0, 2)
 
 
+def test_trim_cuts_every_batched_value_to_a_multiple_of_the_world_size():
+    batch = {"x": torch.arange(14).reshape(7, 2), "y": np.arange(7), "ids": [f"s{i}" for i in range(7)],
+             "cuts": torch.tensor([1.0, 2.0]), "scale": 3.0}
+    cut = distributed.trim(batch, 3)
+    assert distributed.batch_rows(cut) == 6 and cut["ids"] == [f"s{i}" for i in range(6)]
+    assert torch.equal(cut["x"], batch["x"][:6]) and np.array_equal(cut["y"], np.arange(6))
+    assert cut["cuts"] is batch["cuts"] and cut["scale"] == 3.0  # not batched: untouched
+    assert [len(distributed.shard(cut, r, 3)["ids"]) for r in range(3)] == [2, 2, 2]
+    assert distributed.trim(batch, 7) == batch and distributed.trim(batch, 8) is None
+    assert distributed.trim(batch, 1) == batch
+
+
 def test_helpers_are_no_ops_on_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not distributed.is_initialized()
@@ -169,7 +181,8 @@ def test_fit_under_torchrun_initialises_gloo_shards_every_batch_resumes_and_stop
         # every training call saw this rank's half of the global batch of 8; validation (the conv case
         # only) saw the whole batch on every rank, with gathering off
         assert setup == {"rows_seen_conv": [8 // WORLD, 8], "rows_seen_clip": [8 // WORLD],
-                         "rows_seen_unfreeze": [8 // WORLD], "rows_seen_trimodal": [8 // WORLD]}
+                         "rows_seen_unfreeze": [8 // WORLD], "rows_seen_trimodal": [8 // WORLD],
+                         "rows_seen_trim": [6 // WORLD]}
 
 
 def test_ddp_step_of_conv_classifier_equals_single_process_step(ddp_out, single):
@@ -214,6 +227,15 @@ def test_ddp_step_with_gathered_trimodal_loss_equals_single_process_step(ddp_out
     _assert_same_history(hist0, want_hist)
 
 
+def test_ddp_drops_the_rows_an_indivisible_batch_cannot_share(ddp_out, single):
+    """A global batch of 7 on 2 ranks trains on its first 6 rows: the single-process run of those 6 rows."""
+    want_state, want_hist = single["trim"]
+    (state0, hist0), (state1, _) = _ranks(ddp_out, "trim")
+    _assert_same_state(state0, want_state)
+    _assert_same_state(state1, state0, atol=0)
+    _assert_same_history(hist0, want_hist)
+
+
 def test_ddp_follows_a_stage_unfrozen_in_a_later_epoch(ddp_out, single):
     want_state, want_hist = single["unfreeze"]
     (state0, hist0), (state1, _) = _ranks(ddp_out, "unfreeze")
@@ -246,3 +268,29 @@ def test_cli_train_runs_a_pipeline_under_torchrun(tmp_path):
     hist = pd.read_csv(out / "tables" / "pretraining_history.csv")
     assert len(hist) == len(p1.OBJECTIVES) * p1.PROFILES.get_profile("smoke").pretrain_epochs
     assert np.isfinite(hist["train_loss"]).all() and np.isfinite(hist["val_loss"]).all()
+
+
+@pytest.mark.parametrize("pipeline, tables", [
+    ("p3", {"pretraining_history", "retrieval", "ablations", "ablation_histories"}),
+    ("p4", {"ct_pretraining_history", "ehr_pretraining_history", "training_history", "cindex"}),
+    ("p5", {"training_history", "per_fold_metrics", "comparison"}),
+])
+def test_cli_train_runs_p3_p4_p5_under_torchrun(tmp_path, pipeline, tables):
+    """``torchrun -m mmlib train p3|p4|p5 --profile smoke`` on 2 ranks: every stage, rank 0 writes the tables."""
+    if reason := _gloo_missing():
+        pytest.skip(reason)
+    out = tmp_path / f"train_{pipeline}"
+    log = _torchrun(["-m", "mmlib", "train", pipeline, "--profile", "smoke", "--data-dir", str(tmp_path / "data"),
+                     "--out", str(out)], timeout=400)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "complete" and record["params"]["world_size"] == WORLD, log[-2000:]
+    written = {f.stem for f in (out / "tables").glob("*.csv")}
+    assert tables <= written, f"missing {tables - written}"
+    for name in tables:
+        frame = pd.read_csv(out / "tables" / f"{name}.csv")
+        assert len(frame), name
+    hist = pd.read_csv(out / "tables" / f"{sorted(t for t in tables if 'history' in t)[0]}.csv")
+    losses = hist[[c for c in hist.columns if "loss" in c and "val" not in c]].to_numpy(float)
+    # every epoch logged a training loss, and none is inf (NaN only where a row's model has no such term:
+    # P5 trains one task at a time)
+    assert np.isfinite(losses).any(axis=1).all() and not np.isinf(losses).any()
