@@ -119,6 +119,11 @@ def _trim_batches(epoch: int) -> list[dict[str, Any]]:
 
 
 CASES = ("conv", "clip", "unfreeze", "trimodal", "trim")
+_PLAIN_SGD = {
+    "clip": (TwoTower, _clip, 1, lambda epoch: [_pair_batch(200 + epoch)]),
+    "trimodal": (ThreeTower, _trimodal, 2, lambda epoch: [_tri_batch(400 + epoch)]),
+    "trim": (ConvClassifier, _cross_entropy, 1, _trim_batches),
+}
 
 
 def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -142,23 +147,15 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         train_batches = lambda epoch: [_conv_batch(100 + epoch)]
         val_batches = lambda: [_conv_batch(7), _conv_batch(8)]
-    elif name == "clip":
-        model, loss_fn, epochs = TwoTower().double(), _clip, 1
+    elif name in _PLAIN_SGD:  # plain SGD at lr 0.5, no validation: (model class, loss, epochs, batches)
+        make, loss_fn, epochs, train_batches = _PLAIN_SGD[name]
+        model = make().double()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        train_batches = lambda epoch: [_pair_batch(200 + epoch)]
     elif name == "unfreeze":
         model, loss_fn, epochs = ConvClassifier().double(), _cross_entropy, 2
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         train_batches = lambda epoch: [_conv_batch(300 + epoch)]
         schedule = FreezeSchedule("conv late", frozen=("conv",), unfreeze=((1, "conv"),))
-    elif name == "trimodal":
-        model, loss_fn, epochs = ThreeTower().double(), _trimodal, 2
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        train_batches = lambda epoch: [_tri_batch(400 + epoch)]
-    elif name == "trim":
-        model, loss_fn, epochs = ConvClassifier().double(), _cross_entropy, 1
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        train_batches = _trim_batches
     else:
         raise ValueError(name)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches, epochs=epochs,

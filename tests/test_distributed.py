@@ -203,11 +203,18 @@ def test_ddp_step_of_conv_classifier_equals_single_process_step(ddp_out, single)
         assert meta["epoch"] == 0 and meta["case"] == "conv"
 
 
-def test_ddp_step_with_gathered_clip_loss_equals_single_process_step(ddp_out, single):
-    want_state, want_hist = single["clip"]
-    (state0, hist0), (state1, _) = _ranks(ddp_out, "clip")
+def _ddp_matches_single(ddp_out: Path, single: dict, case: str) -> tuple[dict, list[dict], list[dict]]:
+    """Rank 0's trained state equals the single-process one, rank 1's equals rank 0's bitwise;
+    returns (single-process state, single-process history, rank 0's history)."""
+    want_state, want_hist = single[case]
+    (state0, hist0), (state1, _) = _ranks(ddp_out, case)
     _assert_same_state(state0, want_state)
     _assert_same_state(state1, state0, atol=0)
+    return want_state, want_hist, hist0
+
+
+def test_ddp_step_with_gathered_clip_loss_equals_single_process_step(ddp_out, single):
+    want_state, want_hist, hist0 = _ddp_matches_single(ddp_out, single, "clip")
     assert "clip.log_logit_scale" in want_state  # the learnable temperature is synchronised too
     # the contrastive loss logged by the 2-process run is the loss over the global batch of 8
     assert hist0[0]["train_loss"] == pytest.approx(want_hist[0]["train_loss"], abs=1e-12)
@@ -216,10 +223,7 @@ def test_ddp_step_with_gathered_clip_loss_equals_single_process_step(ddp_out, si
 
 def test_ddp_step_with_gathered_trimodal_loss_equals_single_process_step(ddp_out, single):
     """P3's loss: each rank's reports meet the whole global batch's X-rays and ECGs, and the reverse."""
-    want_state, want_hist = single["trimodal"]
-    (state0, hist0), (state1, _) = _ranks(ddp_out, "trimodal")
-    _assert_same_state(state0, want_state)
-    _assert_same_state(state1, state0, atol=0)
+    want_state, want_hist, hist0 = _ddp_matches_single(ddp_out, single, "trimodal")
     assert "trimodal.log_logit_scale" in want_state
     for row, want in zip(hist0, want_hist):  # both pair terms are the global batch's, every epoch
         for key in ("train_loss", "train_text_xray", "train_text_ecg"):
@@ -229,10 +233,7 @@ def test_ddp_step_with_gathered_trimodal_loss_equals_single_process_step(ddp_out
 
 def test_ddp_drops_the_rows_an_indivisible_batch_cannot_share(ddp_out, single):
     """A global batch of 7 on 2 ranks trains on its first 6 rows: the single-process run of those 6 rows."""
-    want_state, want_hist = single["trim"]
-    (state0, hist0), (state1, _) = _ranks(ddp_out, "trim")
-    _assert_same_state(state0, want_state)
-    _assert_same_state(state1, state0, atol=0)
+    _, want_hist, hist0 = _ddp_matches_single(ddp_out, single, "trim")
     _assert_same_history(hist0, want_hist)
 
 
@@ -289,7 +290,7 @@ def test_cli_train_runs_p3_p4_p5_under_torchrun(tmp_path, pipeline, tables):
     for name in tables:
         frame = pd.read_csv(out / "tables" / f"{name}.csv")
         assert len(frame), name
-    hist = pd.read_csv(out / "tables" / f"{sorted(t for t in tables if 'history' in t)[0]}.csv")
+    hist = pd.read_csv(out / "tables" / f"{min(t for t in tables if 'history' in t)}.csv")
     losses = hist[[c for c in hist.columns if "loss" in c and "val" not in c]].to_numpy(float)
     # every epoch logged a training loss, and none is inf (NaN only where a row's model has no such term:
     # P5 trains one task at a time)
