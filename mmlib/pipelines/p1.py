@@ -813,7 +813,7 @@ def localisation_summary(scores: pd.DataFrame) -> pd.DataFrame:
     keys = ["method", "map", "truth", "subject_id"]
     tr = s[s["weights"] == "trained"].set_index(keys)
     un = s[s["weights"] == "untrained"].set_index(keys)
-    paired = tr.join(un[["ratio", "above"]], rsuffix="_untrained", how="inner").reset_index()
+    paired = tr.join(un[["ratio", "above"]], suffixes=("", "_untrained"), how="inner").reset_index()
     paired["beats_untrained"] = paired["ratio"] > paired["ratio_untrained"]
     out = paired.groupby(["method", "map", "truth"], sort=False).agg(
         cases=("subject_id", "size"), mass_in_lesions=("mass_inside", "mean"), random_map=("chance_mean", "mean"),
