@@ -102,7 +102,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         out = train_pipeline(args.pipeline, profile=args.profile, seed=args.seed, device=args.device,
-                             data_dir=args.data_dir, out_dir=args.out, resume=args.resume)
+                             data_dir=args.data_dir, out_dir=args.out, resume=args.resume, overrides=dict(args.set))
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", default=None, help="default results/train_<pipeline>")
     tr.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="continue interrupted stages from <out>/checkpoints (default: on)")
+    tr.add_argument("--set", action="append", type=_parse_knob, default=[], metavar="FIELD=VALUE",
+                    help="change one profile field, e.g. --set compile=True or --set precision=bf16 (repeatable)")
     tr.set_defaults(func=_cmd_train)
 
     index = sub.add_parser("index", help="(re)build results/index.html")

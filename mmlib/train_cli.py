@@ -30,12 +30,13 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mmlib import core, distributed, results
 
-__all__ = ["TRAINABLE", "train_pipeline"]
+__all__ = ["TRAINABLE", "resolve_profile", "train_pipeline"]
 
 log = core.get_logger(__name__)
 
@@ -134,8 +135,18 @@ def _stage(run: results.Run | None, name: str) -> contextlib.AbstractContextMana
     return run.stage(name) if run is not None else contextlib.nullcontext()
 
 
+def resolve_profile(pipeline: str, profile: str, overrides: dict[str, Any] | None = None) -> Any:
+    """``pipeline``'s profile ``profile`` with ``overrides`` applied (``ValueError`` naming an unknown pipeline or field)."""
+    if pipeline not in TRAINABLE:
+        raise ValueError(f"unknown pipeline {pipeline!r}; `python -m mmlib train` runs {sorted(TRAINABLE)}")
+    from importlib import import_module
+
+    return import_module(f"mmlib.pipelines.{pipeline}").PROFILES.get_profile(profile, **(overrides or {}))
+
+
 def train_pipeline(pipeline: str, *, profile: str = "full", seed: int = 0, device: str = "auto",
-                   data_dir: str | Path = "data", out_dir: str | Path | None = None, resume: bool = True) -> Path:
+                   data_dir: str | Path = "data", out_dir: str | Path | None = None, resume: bool = True,
+                   overrides: dict[str, Any] | None = None) -> Path:
     """Run ``pipeline``'s training stages (see the module docstring); returns the output folder.
 
     Args:
@@ -147,15 +158,14 @@ def train_pipeline(pipeline: str, *, profile: str = "full", seed: int = 0, devic
         data_dir: folder of generated cohorts (or one with your own ``manifest.json``).
         out_dir: default ``results/train_<pipeline>``.
         resume: continue interrupted stages from ``<out_dir>/checkpoints``.
+        overrides: profile fields to change (``--set compile=True``, ``--set precision='bf16'``); they
+            are recorded in ``run.json`` with the resolved profile. Checkpoints store the
+            architecture, so a changed size is not resumed from an older run's checkpoints.
     """
-    if pipeline not in TRAINABLE:
-        raise ValueError(f"unknown pipeline {pipeline!r}; `python -m mmlib train` runs {sorted(TRAINABLE)}")
-    from importlib import import_module
-
     from mmlib.cohorts import open_cohort
 
+    prof = resolve_profile(pipeline, profile, overrides)
     spec = TRAINABLE[pipeline]
-    prof = import_module(f"mmlib.pipelines.{pipeline}").PROFILES.get_profile(profile)
     out = Path(out_dir or Path("results") / f"train_{pipeline}")
     launched = distributed.launched_world_size() > 1
     dev = distributed.setup() if launched else core.select_device(device)
@@ -172,7 +182,8 @@ def train_pipeline(pipeline: str, *, profile: str = "full", seed: int = 0, devic
             run = results.Run(out, notebook=f"train_{pipeline}",
                               title=f"{pipeline.upper()} training stages ({profile}, {distributed.world_size()} "
                                     "process(es))",
-                              params={"pipeline": pipeline, "profile": profile, "seed": seed, "device": device,
+                              params={"pipeline": pipeline, "profile": profile, "overrides": dict(overrides or {}),
+                                      "seed": seed, "device": device,
                                       "data_dir": str(data_dir), "out_dir": str(out), "resume": resume,
                                       "world_size": distributed.world_size()},
                               seed=seed, device=dev, profile=prof)

@@ -181,3 +181,23 @@ def test_fast_profile_switches_sdpa_and_channels_last_and_nothing_else():
     x = torch.rand(2, 1, *smoke.spatial_size)
     with torch.no_grad():
         torch.testing.assert_close(fast_vit.eval()(x), plain_vit.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_is_off_by_default_and_compiles_in_place_when_asked():
+    smoke = p2.PROFILES.get_profile("smoke")
+    assert not smoke.compile and not p2.PROFILES.get_profile("full").compile
+    assert p2.build_model("ResNetAutoEnc", smoke)._compiled_call_impl is None
+    compiled = p2.build_model("ResNetAutoEnc", p2.PROFILES.get_profile("smoke", compile=True))
+    assert compiled._compiled_call_impl is not None  # lazy: nothing is compiled until the first call
+    assert list(compiled.state_dict()) == list(p2.build_model("ResNetAutoEnc", smoke).state_dict())
+
+
+def test_train_cli_applies_profile_overrides_and_names_unknown_fields(capsys):
+    from mmlib.__main__ import main
+    from mmlib.train_cli import resolve_profile
+
+    prof = resolve_profile("p2", "full", {"compile": True, "precision": "bf16"})
+    assert prof.compile and prof.precision == "bf16" and prof.name == "full"
+    assert resolve_profile("p2", "full") == p2.PROFILES.get_profile("full")
+    assert main(["train", "p2", "--profile", "smoke", "--set", "compiled=True", "--data-dir", "unused"]) == 2
+    assert "compiled" in capsys.readouterr().err  # the unknown field is named before anything runs

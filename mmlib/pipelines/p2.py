@@ -127,6 +127,9 @@ class P2Profile(Profile):
     # mmlib.fast's fp32-exact options: SDPA attention in the ViTs, channels-last 3D convolutions, fused Adam
     # (same maths up to float rounding; benchmarks/bench_p2_pretrain.py measures them)
     fast: bool = True
+    # torch.compile every model (mmlib.fast.maybe_compile, in place: checkpoint keys unchanged). Off: compiling
+    # costs tens of seconds to minutes and pays back only on long GPU runs (`python -m mmlib train p2 --set compile=True`)
+    compile: bool = False
     workers: int = 0  # volume-loading processes; 0 = all usable cores
 
 
@@ -304,8 +307,9 @@ def build_model(kind: str, prof: P2Profile) -> nn.Module:
     """``ResNetAutoEnc`` | ``ViTAutoEnc`` | ``ResNetMLP`` | ``ViTMLP`` at the profile's sizes.
 
     With ``prof.fast`` the ViTs' attention runs through ``scaled_dot_product_attention`` and the
-    convolutions are stored channels-last (:mod:`mmlib.fast`); parameters and checkpoint keys
-    are the same either way.
+    convolutions are stored channels-last (:mod:`mmlib.fast`); with ``prof.compile`` the model is
+    compiled in place (lazily, at its first call). Parameters and checkpoint keys are the same
+    either way.
     """
     if kind == "ResNetAutoEnc":
         model: nn.Module = ResNetAutoEnc(widths=prof.resnet_widths, layers=prof.resnet_layers)
@@ -321,7 +325,7 @@ def build_model(kind: str, prof: P2Profile) -> nn.Module:
     if prof.fast:
         fast.set_sdpa(model, True)
         fast.channels_last(model)
-    return model
+    return fast.maybe_compile(model, prof.compile)
 
 
 def _optimizer(model: nn.Module, lr: float, prof: P2Profile) -> torch.optim.Optimizer:

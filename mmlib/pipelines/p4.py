@@ -74,6 +74,7 @@ class P4Profile(Profile):
     # the CT autoencoder is P2's (p2.pretrain): its fast-path options (P2Profile.fast) stay off here, so P4's
     # numbers are those of the plain path
     fast: bool = False
+    compile: bool = False  # P2Profile.compile for the CT autoencoder
     workers: int = 0  # volume-loading processes; 0 = all usable cores
     ehr_dim: int = 64
     ehr_layers: int = 2
