@@ -15,12 +15,19 @@ RESULTS ?= results
 SEED    ?=
 DEVICE  ?=
 DATA    ?=
+# Notebooks run side by side, JOBS at a time, each on THREADS CPU threads. CPU results depend on
+# the thread count in the last digits, so a fixed THREADS keeps the tables the same on any number
+# of cores; several one-thread notebooks also use two cores better than one two-thread notebook.
+# The full profile runs one notebook at a time on torch's default threads.
+CORES   := $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
+JOBS    ?= $(if $(filter full,$(PROFILE)),1,$(CORES))
+THREADS ?= $(if $(filter full,$(PROFILE)),,1)
 
 NOTEBOOK_DIR ?= notebooks
 NOTEBOOKS := $(sort $(filter-out $(NOTEBOOK_DIR)/_%,$(wildcard $(NOTEBOOK_DIR)/$(NB)*.py)))
 NB_NAMES  := $(notdir $(basename $(NOTEBOOKS)))
 
-RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA))
+RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: help setup constraints data reproduce test lab sync clean $(addprefix run-,$(NB_NAMES))
 
@@ -28,7 +35,8 @@ help:  ## list targets
 	@echo "make setup       create $(VENV) with pinned dependencies and the 'mmlib' Jupyter kernel"
 	@echo "make reproduce   execute every notebook into $(RESULTS)/ and build $(RESULTS)/index.html"
 	@echo "                 NB=p2 (notebooks starting with p2)  PROFILE=smoke|quick|full  SEED=0  DEVICE=cpu|cuda"
-	@echo "                 DATA=folder (cohorts; default \$$MMLIB_DATA_DIR or data/)  -j N"
+	@echo "                 DATA=folder (cohorts; default \$$MMLIB_DATA_DIR or data/)"
+	@echo "                 JOBS=$(JOBS) (notebooks at once)  THREADS=$(THREADS) (CPU threads each; empty = all cores)"
 	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
 	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
@@ -64,7 +72,7 @@ data: setup
 
 reproduce: setup
 	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }
-	@$(MAKE) --no-print-directory $(addprefix run-,$(NB_NAMES)); status=$$?; \
+	@$(MAKE) --no-print-directory --keep-going -j$(JOBS) $(addprefix run-,$(NB_NAMES)); status=$$?; \
 	  $(PY) -m mmlib index $(RESULTS); \
 	  if [ $$status -ne 0 ]; then echo "make reproduce: at least one notebook failed (see above and $(RESULTS)/index.html)"; fi; \
 	  exit $$status

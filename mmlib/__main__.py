@@ -30,6 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             progress_bar=sys.stderr.isatty() if args.progress is None else args.progress,
             timeout_s=args.timeout,
+            threads=args.threads,
         )
     except NotebookFailed as err:
         print(f"ERROR: {err}", file=sys.stderr)
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     run.add_argument("--data-dir", default=None)
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of the notebook's torch (default: every usable core; make reproduce: 1)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="papermill's per-cell progress bar (default: when stderr is a terminal)")
     run.set_defaults(func=_cmd_run)

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,7 @@ def run_notebook(
     kernel_name: str = KERNEL_NAME,
     progress_bar: bool = False,
     timeout_s: int | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Execute one notebook into ``results_dir/<name>/`` (see the module docstring).
 
@@ -170,6 +172,11 @@ def run_notebook(
         kernel_name: the Jupyter kernel (``make setup`` registers ``mmlib`` in ``.venv``).
         progress_bar: show papermill's per-cell progress bar.
         timeout_s: per-cell timeout.
+        threads: CPU threads of the kernel's torch and BLAS (``OMP_NUM_THREADS`` and
+            ``MKL_NUM_THREADS``); ``None`` leaves torch's default (every usable core). CPU
+            results depend on it in the last digits (parallel reductions add in another order),
+            so ``make reproduce`` fixes it (``THREADS``, default 1) and runs notebooks side by
+            side instead; the run record keeps it.
 
     Returns:
         The final results folder.
@@ -195,6 +202,8 @@ def run_notebook(
             f"{name}: the Jupyter kernel {kernel_name!r} is not registered; run `make setup`"
         ) from None
 
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
     nb = read_notebook(path)
     if running.exists():
         shutil.rmtree(running)
@@ -215,12 +224,16 @@ def run_notebook(
 
     out_ipynb = running / f"{name}.ipynb"
     log.info("executing %s (profile %s)", path.name, profile)
+    started = datetime.now(UTC)
     start = time.perf_counter()
     error: Exception | None = None
+    env = {"MMLIB_PROGRESS": os.environ.get("MMLIB_PROGRESS", "0")}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(int(threads)), MKL_NUM_THREADS=str(int(threads)))
     try:
-        # Progress bars would only leave redraw debris in the executed notebook; the kernel
-        # inherits this variable (set for the call only) and mmlib.core.progress honours it.
-        with _environ(MMLIB_PROGRESS=os.environ.get("MMLIB_PROGRESS", "0")):
+        # The kernel inherits these variables (set for the call only). Progress bars would only
+        # leave redraw debris in the executed notebook; mmlib.core.progress honours MMLIB_PROGRESS.
+        with _environ(**env):
             papermill.execute_notebook(
                 str(src_ipynb),
                 str(out_ipynb),
@@ -256,7 +269,9 @@ def run_notebook(
 
     # Record how the notebook was executed, with the final (not the temporary) out_dir.
     record.setdefault("params", {})["out_dir"] = str(final)
-    record["execution"] = {"runner": "papermill", "kernel": kernel_name, "notebook_wall_s": round(wall, 3)}
+    record["execution"] = {"runner": "papermill", "kernel": kernel_name, "notebook_wall_s": round(wall, 3),
+                           "threads": threads, "started": started.isoformat(timespec="seconds"),
+                           "finished": datetime.now(UTC).isoformat(timespec="seconds")}
     atomic_write_text(running / "run.json", json.dumps(record, indent=2) + "\n")
 
     # Swap in the new results with renames only; the old folder is removed last.

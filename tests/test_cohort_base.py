@@ -145,3 +145,32 @@ def test_changed_knobs_regenerate_and_default_dirs_differ(tmp_path):
 def test_unknown_knob_is_named():
     with pytest.raises(ValueError, match="no field"):
         Toy("quick", effekt=0.0)
+
+
+def test_a_second_generation_of_the_same_cohort_waits_and_reuses_it(tmp_path, caplog):
+    """Notebooks run side by side (make reproduce JOBS=2) may both ask for a cohort: the one that
+    finds it being written waits for the lock, then verifies the finished cohort instead of
+    rendering it a second time."""
+    fcntl = pytest.importorskip("fcntl")
+    import logging
+    import threading
+
+    Toy("smoke").generate(out_dir=tmp_path, seed=0, show_progress=False)
+    before = recorded_checksums(tmp_path)
+    mtime = (tmp_path / "subjects.csv").stat().st_mtime_ns
+    done = []
+    with caplog.at_level(logging.INFO, logger="mmlib.cohorts.base"), open(tmp_path / ".generate.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # another process is generating
+        worker = threading.Thread(target=lambda: done.append(
+            Toy("smoke").generate(out_dir=tmp_path, seed=0, show_progress=False)))
+        worker.start()
+        worker.join(timeout=1.5)
+        assert worker.is_alive() and not done, "generate must wait while another process holds the cohort"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        worker.join(timeout=60)
+    assert not worker.is_alive() and len(done) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("waiting for another process" in m for m in messages)
+    assert any("up to date" in m for m in messages)
+    assert recorded_checksums(tmp_path) == before
+    assert (tmp_path / "subjects.csv").stat().st_mtime_ns == mtime, "the finished cohort was rewritten"

@@ -1,6 +1,7 @@
 """Notebooks: structure, headless execution at the smoke profile, failures, determinism."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -165,12 +166,17 @@ def test_make_reproduce_exits_nonzero_naming_notebook_and_cell(tmp_path):
     _write_notebook(nbdir, "p9_ok", _GOOD.replace("VALUE", "3"))
     _write_notebook(nbdir, "p9_bad", _BAD)
     res = tmp_path / "results"
-    proc = _make("-j2", "reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9", "PROFILE=smoke")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
-    assert "p9_bad.py failed: cell 5" in out and "ZeroDivisionError" in out
-    assert (res / "index.html").exists(), "the index is built even when a notebook fails"
-    assert "p9_bad" in (res / "index.html").read_text()
+    for jobs in ("1", "2"):
+        proc = _make("reproduce", f"JOBS={jobs}", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9", "PROFILE=smoke")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out
+        assert "p9_bad.py failed: cell 5" in out and "ZeroDivisionError" in out
+        assert (res / "index.html").exists(), "the index is built even when a notebook fails"
+        assert "p9_bad" in (res / "index.html").read_text()
+        # one failure does not stop the others: p9_ok runs after p9_bad (sorted), even one at a time
+        assert (res / "p9_ok" / "tables" / "t.csv").read_text() == "v\n3\n", out
+        assert json.loads((res / "p9_ok" / "run.json").read_text())["execution"]["threads"] == 1
+        shutil.rmtree(res / "p9_ok")
 
     proc = _make("reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9_ok", "PROFILE=smoke")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -178,6 +184,30 @@ def test_make_reproduce_exits_nonzero_naming_notebook_and_cell(tmp_path):
 
     proc = _make("reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=zz")
     assert proc.returncode != 0 and "no notebook" in proc.stdout + proc.stderr
+
+
+def test_threads_reach_the_kernel_and_are_recorded(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    path = _write_notebook(nbdir, "threads", """
+        # %%
+        import torch
+        from mmlib import results
+        run = results.Run(out_dir, notebook="threads", params={"profile": profile})
+        # %%
+        import pandas as pd
+        run.table(pd.DataFrame({"threads": [torch.get_num_threads()]}), "t")
+        run.finish()
+    """)
+    for n in (1, 2):
+        final = runner.run_notebook(path, tmp_path / "results", profile="smoke", threads=n)
+        assert (final / "tables" / "t.csv").read_text() == f"threads\n{n}\n"
+        record = json.loads((final / "run.json").read_text())
+        assert record["execution"]["threads"] == n and record["environment"]["torch_threads"] == n
+        assert record["execution"]["started"] <= record["execution"]["finished"]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            runner.run_notebook(path, tmp_path / "results", profile="smoke", threads=bad)
 
 
 def test_cli_list_selects_by_prefix():

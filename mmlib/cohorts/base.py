@@ -96,6 +96,28 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path, waiting_message: str):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block; log
+    ``waiting_message`` when another process holds it. Where ``fcntl`` is missing (Windows) the
+    block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(waiting_message)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class SubjectFiles:
     """Writes one subject's files under the cohort folder, atomically, recording sha256.
 
@@ -309,6 +331,12 @@ class CohortGenerator:
         """
         root = Path(out_dir) if out_dir is not None else self.default_dir(data_dir, seed)
         root.mkdir(parents=True, exist_ok=True)
+        # Two notebooks run side by side (make reproduce JOBS=2) may ask for the same cohort: the
+        # second waits for the first and then finds it up to date instead of rendering it again.
+        with _exclusive(root / ".generate.lock", f"{self.name}: waiting for another process generating {root}"):
+            return self._generate_into(root, seed, workers, show_progress)
+
+    def _generate_into(self, root: Path, seed: int, workers: int | None, show_progress: bool) -> Cohort:
         key = self.key(seed)
         record_path = root / COHORT_RECORD
         journal = root / f".journal-{key}.jsonl"
