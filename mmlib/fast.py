@@ -15,6 +15,8 @@ interchangeable with the plain path:
   one, else the multi-tensor (``foreach``) kernel.
 - :func:`maybe_compile`: optional ``torch.compile`` (off by default), with a clear fallback.
 - :func:`set_sdpa`: ``scaled_dot_product_attention`` in MONAI's attention blocks.
+- :func:`fp32_thin_convs`: convolutions that read a single channel stay in fp32 under CPU bf16
+  autocast, where oneDNN's bf16 kernels for them are several times slower.
 - :class:`VolumeCache` + :class:`Augment`: volumes decoded once, kept compact (fp16, or uint8
   with a per-volume scale) on the training device, batched and augmented there with torch ops.
 - :class:`FastPath`: the switches together; :meth:`FastPath.for_device` turns on what the
@@ -40,8 +42,16 @@ from torch import nn
 from mmlib import core
 
 __all__ = [
-    "Augment", "FastPath", "VolumeCache", "adamw", "channels_last", "fused_adamw_supported", "maybe_compile",
-    "set_sdpa", "to_channels_last",
+    "Augment",
+    "FastPath",
+    "VolumeCache",
+    "adamw",
+    "channels_last",
+    "fp32_thin_convs",
+    "fused_adamw_supported",
+    "maybe_compile",
+    "set_sdpa",
+    "to_channels_last",
 ]
 
 _CONV3D = (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.MaxPool3d, nn.AvgPool3d)
@@ -190,6 +200,45 @@ def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
     for b in blocks:
         b.use_flash_attention = bool(enabled)
     return len(blocks)
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _fp32_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return type(self).forward(self, x.float(), *args, **kwargs)
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def fp32_thin_convs(model: nn.Module, max_in_channels: int = 1, enabled: bool = True) -> int:
+    """Run ``model``'s thin convolutions (at most ``max_in_channels`` input channels) in fp32 even
+    under autocast (in place); ``enabled=False`` undoes it. Returns how many convolutions are (or
+    were) switched.
+
+    Why: a 3D network's first layer reads a one-channel volume (ResNet stem, ViT patch
+    embedding). On a CPU with AMX (Intel Xeon, torch 2.13) oneDNN's bf16 kernels for a
+    one-channel input are far slower than fp32: a 1 -> 64 Conv3d k7 s2 forward took 230 ms in
+    bf16 vs 60 ms in fp32 (2 threads, ``benchmarks/bench_precision.py``); a 1 -> 32 k4 s4 patch
+    embedding, forward and backward, 2.4 vs 0.8 ms; the quick ViTAutoEnc's convolution backward
+    263 vs 32 ms per step, which made its whole bf16 step slower than fp32. From two input
+    channels up bf16 wins (1.35x at 2, 2.1x at 16; 1 thread, 3x3x3 on 2x32x32x48), and a conv
+    that *writes* one channel is fast in bf16 too. The first layer holds a tiny share of the
+    FLOPs, so fp32 there costs little wherever bf16 is fast. The module keeps its parameters and ``state_dict`` keys; only its
+    ``forward`` is wrapped (autocast off, input cast to fp32; the output is fp32 and the next
+    layer's autocast casts it again).
+    """
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, _CONVS) or m.in_channels > max_in_channels:
+            continue
+        n += 1
+        if enabled:
+            m.forward = _fp32_forward.__get__(m)  # an instance attribute: keys and parameters untouched
+        else:
+            m.__dict__.pop("forward", None)
+    return n
 
 
 # --------------------------------------------------------------------------- volume cache
@@ -382,6 +431,8 @@ class FastPath:
             torch's default AdamW.
         compile: :func:`maybe_compile`.
         sdpa: :func:`set_sdpa` in MONAI attention blocks.
+        thin_convs_fp32: :func:`fp32_thin_convs` when the model runs on a CPU under bf16 (on a
+            GPU the bf16 kernels for thin convolutions are not slow).
     """
 
     precision: str = "auto"
@@ -389,6 +440,7 @@ class FastPath:
     fused: bool = True
     compile: bool = False
     sdpa: bool = True
+    thin_convs_fp32: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -413,7 +465,8 @@ class FastPath:
     @classmethod
     def plain(cls) -> FastPath:
         """The tutorial loop: fp32, channels-first, torch's default AdamW, eager, einsum attention."""
-        return cls(precision="fp32", channels_last=False, fused=False, compile=False, sdpa=False)
+        return cls(precision="fp32", channels_last=False, fused=False, compile=False, sdpa=False,
+                   thin_convs_fp32=False)
 
     def autocast(self, device: torch.device | str) -> contextlib.AbstractContextManager:
         """The autocast context of :attr:`precision` on ``device`` (a no-op for fp32)."""
@@ -426,6 +479,9 @@ class FastPath:
             set_sdpa(model, True)
         if self.channels_last:
             channels_last(model)
+        device = torch.device(device)
+        if self.thin_convs_fp32 and device.type == "cpu" and core.autocast_dtype(device, self.precision) is not None:
+            fp32_thin_convs(model)
         if example is not None and self.channels_last:
             example = to_channels_last(example)
         return maybe_compile(model, self.compile, example=example)

@@ -14,6 +14,7 @@ from mmlib.fast import (
     VolumeCache,
     adamw,
     channels_last,
+    fp32_thin_convs,
     fused_adamw_supported,
     maybe_compile,
     set_sdpa,
@@ -99,6 +100,53 @@ def test_channels_last_keeps_values_and_keys():
     assert xc.is_contiguous(memory_format=torch.channels_last_3d)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(xc), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_thin_convolutions_stay_fp32_under_bf16_autocast_with_the_same_keys():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose3d(8, 1, 2, stride=2))
+    x = torch.randn(2, 1, 6, 6, 6)
+    keys = list(model.state_dict())
+    first_fp32 = model[0](x)  # reference: the first layer without autocast
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [model[0](x)]
+            for layer in model[1:]:
+                outs.append(layer(outs[-1]))
+        outs[-1].float().sum().backward()
+        return outs
+
+    plain = run()
+    assert [o.dtype for o in (plain[0], plain[2], plain[4])] == [torch.bfloat16] * 3
+    assert fp32_thin_convs(model) == 1  # the one that reads 1 channel; not 8 -> 8, not 8 -> 1
+    assert list(model.state_dict()) == keys and all(p.dtype == torch.float32 for p in model.parameters())
+    thin = run()
+    assert [o.dtype for o in (thin[0], thin[2], thin[4])] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    torch.testing.assert_close(thin[0], first_fp32, rtol=0, atol=0)  # computed in fp32, not rounded
+    assert model[0].weight.grad is not None and model[0].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(thin[4].float(), plain[4].float(), rtol=0.05, atol=0.05)  # bf16 tolerance
+    with torch.no_grad():  # outside autocast the wrapped layer is the plain layer
+        torch.testing.assert_close(model[0](x), first_fp32, rtol=0, atol=0)
+    assert fp32_thin_convs(model, enabled=False) == 1
+    assert run()[0].dtype == torch.bfloat16
+    assert fp32_thin_convs(model, max_in_channels=8) == 3
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fast_path_keeps_one_channel_convolutions_fp32_only_under_cpu_bf16(kind, precision):
+    model = _tiny(kind)
+    FastPath(precision=precision).prepare(model, CPU)
+    wrapped = [m for m in model.modules() if "forward" in m.__dict__]
+    if precision == "bf16":  # the ResNet stem / the ViT patch embedding: the only layer reading 1 channel
+        assert len(wrapped) == 1 and isinstance(wrapped[0], nn.Conv3d) and wrapped[0].in_channels == 1
+    else:
+        assert wrapped == []
+    FastPath.plain().prepare(fresh := _tiny("resnet"), CPU)
+    assert not any("forward" in m.__dict__ for m in fresh.modules())
 
 
 # --------------------------------------------------------------------------- volume cache
