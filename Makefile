@@ -15,15 +15,15 @@ RESULTS ?= results
 SEED    ?=
 DEVICE  ?=
 DATA    ?=
-# Notebooks run side by side, JOBS at a time, each on THREADS CPU threads: the cores shared out
-# (1 each when there are at least as many notebooks as cores). Several one-thread notebooks use
-# two cores better than one two-thread notebook. CPU results change in the last digits with the
-# thread count; run.json records it, and THREADS=1 gives the tables of a full run on any machine.
-# The full profile runs one notebook at a time on torch's default threads.
+# Notebooks run JOBS at a time, each on THREADS CPU threads. CPU results change in the last digits
+# with the thread count, so THREADS is fixed (2, the reference machine's cores): a machine with
+# more cores runs more notebooks at once and gets the same tables. Measured on 2 cores, two
+# one-thread notebooks side by side were slower overall than one two-thread notebook after
+# another (benchmarks/README.md). The full profile runs one notebook at a time on torch's default
+# threads (every core).
 CORES   := $(shell nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
-JOBS    ?= $(if $(filter full,$(PROFILE)),1,$(CORES))
-THREADS ?= $(if $(filter full,$(PROFILE)),,$(shell n=$(words $(NB_NAMES)); j=$(JOBS); [ $$n -lt $$j ] && j=$$n; \
-             [ $$j -lt 1 ] && j=1; t=$$(( $(CORES) / j )); [ $$t -lt 1 ] && t=1; echo $$t))
+THREADS ?= $(if $(filter full,$(PROFILE)),,2)
+JOBS    ?= $(if $(THREADS),$(shell j=$$(( $(CORES) / $(THREADS) )); [ $$j -lt 1 ] && j=1; echo $$j),1)
 
 NOTEBOOK_DIR ?= notebooks
 NOTEBOOKS := $(sort $(filter-out $(NOTEBOOK_DIR)/_%,$(wildcard $(NOTEBOOK_DIR)/$(NB)*.py)))

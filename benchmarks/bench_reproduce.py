@@ -3,15 +3,15 @@
 Either runs every notebook (``python -m mmlib run``, as ``make reproduce`` does) into a fresh
 results folder and times it, or (``--from-results``) tabulates a results folder a earlier
 ``make reproduce`` wrote, from each notebook's ``run.json``. Like ``make reproduce`` it runs
-``--jobs`` notebooks at once (default: the usable cores), each on ``--threads`` CPU threads
-(default 1). Prints a Markdown table: wall seconds per notebook (the papermill run, kernel start
+each notebook on ``--threads`` CPU threads (default 2), ``--jobs`` at a time (default: the
+usable cores / threads). Prints a Markdown table: wall seconds per notebook (the papermill run, kernel start
 included), its recorded stages, the cohort generation the first notebook of a cohort pays, the
 sum of the notebooks' times and the elapsed time from the first start to the last finish, against
 the target (``--target-min``, default 15 minutes on 2 CPU cores). Writes it to
 ``results/benchmarks/reproduce.md``.
 
     .venv/bin/python benchmarks/bench_reproduce.py                          # run all, quick profile
-    .venv/bin/python benchmarks/bench_reproduce.py --jobs 1 --threads 2     # one at a time, 2 threads
+    .venv/bin/python benchmarks/bench_reproduce.py --jobs 2 --threads 1     # two at a time, 1 thread each
     .venv/bin/python benchmarks/bench_reproduce.py --prefix p3              # one notebook
     .venv/bin/python benchmarks/bench_reproduce.py --from-results results   # tabulate an earlier run
 
@@ -111,13 +111,15 @@ def main() -> int:
                                                       "is timed too)")
     ap.add_argument("--results", default=None, help="results root to run into (default: a temporary folder)")
     ap.add_argument("--from-results", default=None, help="tabulate this results root instead of running")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="notebooks at once (default: the usable cores, as make reproduce)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per notebook (default 1, as make reproduce)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per notebook (default 2, as make reproduce)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="notebooks at once (default: usable cores / threads, at least 1, as make reproduce)")
     ap.add_argument("--target-min", type=float, default=15.0)
     ap.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "reproduce.md"))
     args = ap.parse_args()
 
+    if args.jobs is None:
+        args.jobs = max(1, len(os.sched_getaffinity(0)) // args.threads)
     rows = []
     if args.from_results:
         res = Path(args.from_results)

@@ -175,10 +175,8 @@ def test_make_reproduce_exits_nonzero_naming_notebook_and_cell(tmp_path):
         assert "p9_bad" in (res / "index.html").read_text()
         # one failure does not stop the others: p9_ok runs after p9_bad (sorted), even one at a time
         assert (res / "p9_ok" / "tables" / "t.csv").read_text() == "v\n3\n", out
-        # the cores shared out among the notebooks running at once (two notebooks here)
-        cores = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
-        expected = max(1, cores // min(int(jobs), 2))
-        assert json.loads((res / "p9_ok" / "run.json").read_text())["execution"]["threads"] == expected
+        # a fixed thread count whatever the machine and JOBS: the same tables everywhere
+        assert json.loads((res / "p9_ok" / "run.json").read_text())["execution"]["threads"] == 2
         shutil.rmtree(res / "p9_ok")
 
     proc = _make("reproduce", f"NOTEBOOK_DIR={nbdir}", f"RESULTS={res}", "NB=p9_ok", "PROFILE=smoke")
