@@ -1,5 +1,6 @@
 """P1 pipeline pieces that the notebook's smoke run does not pin down by value."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -184,3 +185,28 @@ def test_localisation_summary_needs_both_the_shuffled_map_and_the_untrained_netw
     assert s.loc["Guided Grad-CAM", "untrained_ratio"] == pytest.approx(4.125)
     text = p1.localisation_verdict(s.reset_index())
     assert "are gradient saliency." in text and "Guided Grad-CAM: 4.00x" in text
+
+
+def test_fast_option_keeps_the_function_and_the_checkpoint_keys():
+    """prof.fast stores the convolutions channels-last and picks the fused Adam update: the same
+    network (identical keys; logits and gradients within fp32 rounding)."""
+    data = _data()
+    b = data.batch([4, 5, 6, 7])
+    models, logits = {}, {}
+    for on in (False, True):
+        prof = dataclasses.replace(p1.PROFILES["smoke"], fast=on)
+        torch.manual_seed(0)
+        models[on] = m = p1.P1Classifier(p1.build_clip(data, prof), "ensemble").train()
+        convs = [p for p in m.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) == on for p in convs)
+        opt = p1._optimizer(torch.optim.AdamW, m, 1e-3, prof)
+        assert bool(opt.defaults.get("fused")) == (on and p1.fast.fused_adamw_supported(list(m.parameters())))
+        torch.manual_seed(1)  # the same dropout draws
+        logits[on] = m(b)["logits"]
+        torch.nn.functional.cross_entropy(logits[on], b["label"]).backward()
+    assert list(models[False].state_dict()) == list(models[True].state_dict())
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-6)
+    # fp32 rounding of long reductions (BatchNorm over every voxel): ~1e-5 of the gradients' scale
+    scale = max(float(p.grad.abs().max()) for p in models[False].parameters() if p.grad is not None)
+    for (name, a), c in zip(models[False].named_parameters(), models[True].parameters()):
+        torch.testing.assert_close(c.grad, a.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)

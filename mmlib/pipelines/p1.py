@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from mmlib import core, metrics
+from mmlib import core, fast, metrics
 from mmlib.augment import ImageAugment3d, TabularCorruption
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
@@ -109,6 +109,8 @@ class P1Profile(Profile):
     occlusion_mask: tuple[int, int, int] = (4, 4, 4)  # the finer companion map: 1,200 forward passes a case
     n_boot: int = 500
     precision: str = "fp32"
+    # mmlib.fast's fp32-exact options: channels-last 3D convolutions and the fused Adam/AdamW update
+    fast: bool = True
 
 
 PROFILES = ProfileSet(
@@ -310,12 +312,23 @@ def cohort_table(data: P1Data) -> pd.DataFrame:
 
 
 def build_clip(data: P1Data, prof: P1Profile) -> ImageTabularCLIP:
-    """The image + tabular encoders, projections and interaction module at the profile's sizes."""
-    return ImageTabularCLIP(
+    """The image + tabular encoders, projections and interaction module at the profile's sizes
+    (with ``prof.fast`` the convolutions are stored channels-last; same parameters and keys)."""
+    clip = ImageTabularCLIP(
         n_categories=data.n_categories, n_continuous=data.continuous.shape[1], widths=prof.widths, layers=prof.layers,
         conv1_stride=prof.conv1_stride, hidden=prof.tabular_hidden, proj_dim=prof.proj_dim,
         interaction_dim=prof.interaction_dim, interaction_layers=prof.interaction_layers,
         interaction_heads=prof.interaction_heads)
+    if prof.fast:
+        fast.channels_last(clip)
+    return clip
+
+
+def _optimizer(cls: type[torch.optim.Optimizer], model: nn.Module, lr: float, prof: P1Profile) -> torch.optim.Optimizer:
+    """``cls`` (Adam or AdamW), with the fused update kernel where ``prof.fast`` and the device has one."""
+    params = list(model.parameters())
+    fused = {"fused": True} if prof.fast and fast.fused_adamw_supported(params) else {}
+    return cls(params, lr=lr, weight_decay=prof.weight_decay, **fused)
 
 
 class Pretrainer(nn.Module):
@@ -405,7 +418,7 @@ def pretrain(objective: str, data: P1Data, prof: P1Profile, *, ckpt_dir: str | P
     idx = data.index("ssl")
     corruption = TabularCorruption(prof.corruption_rate).fit(data.categorical[idx], data.continuous[idx])
     model = Pretrainer(clip, objective, prof, corruption)
-    opt = torch.optim.Adam(model.parameters(), lr=prof.pretrain_lr, weight_decay=prof.weight_decay)
+    opt = _optimizer(torch.optim.Adam, model, prof.pretrain_lr, prof)
     val = data.index("val")
     stem = Path(ckpt_dir) / f"pretrain-{objective}"
     hist = fit(model, loss_fn=lambda m, b: m(b),
@@ -507,7 +520,7 @@ def finetune(method: str, data: P1Data, prof: P1Profile, pre: Pretrained | None,
         return F.cross_entropy(m(batch)["logits"], batch["label"])
 
     tr, val = data.index("train"), data.index("val")
-    opt = torch.optim.AdamW(model.parameters(), lr=prof.finetune_lr, weight_decay=prof.weight_decay)
+    opt = _optimizer(torch.optim.AdamW, model, prof.finetune_lr, prof)
     stem = Path(ckpt_dir) / f"finetune-{method.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')}"
     hist = fit(model, loss_fn=loss_fn,
                train_batches=lambda e: data.batches(tr, prof.finetune_batch, shuffle_seed=seed * 1000 + e, drop_last=True),
