@@ -171,6 +171,7 @@ def _section(entry: dict[str, Any], root: Path) -> str:
         "<p class='meta'>"
         f"profile <b>{_e(rec.get('params', {}).get('profile', '?'))}</b> · seed {_e(rec.get('seed'))} · "
         f"device {_e(env.get('device', '?'))} ({_e(env.get('device_name', ''))}, {_e(env.get('autocast', ''))}) · "
+        f"{_e(env.get('torch_threads', '?'))} CPU threads · "
         f"commit {_e(commit)} · wall {_e(_fmt_seconds(rec.get('execution', {}).get('notebook_wall_s', rec.get('wall_s'))))}"
         f"<br>{_links(sub, root, name)}</p>"
     )

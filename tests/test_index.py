@@ -50,6 +50,8 @@ def test_index_links_every_table_and_figure_and_resolves_offline(tmp_path):
         assert not re.match(r"^[a-z]+://", link), link
         assert (tmp_path / link).exists(), link
     assert "http://" not in page and "https://" not in page
+    # the thread count the tables were computed with (CPU results depend on it)
+    assert page.count(f"{torch.get_num_threads()} CPU threads") == 2
 
 
 def test_index_shows_paper_vs_run_first_with_verdicts(tmp_path):
