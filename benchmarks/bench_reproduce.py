@@ -119,7 +119,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.jobs is None:
-        args.jobs = max(1, len(os.sched_getaffinity(0)) // args.threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.jobs = max(1, cores // args.threads)
     rows = []
     if args.from_results:
         res = Path(args.from_results)
