@@ -244,9 +244,12 @@ def run_case(spec: dict) -> dict:
 def _describe(path, device: torch.device) -> str:
     from mmlib import core
 
-    bits = ["bf16" if core.autocast_dtype(device, path.precision) is not None else "fp32"]
+    bf16 = core.autocast_dtype(device, path.precision) is not None
+    bits = ["bf16" if bf16 else "fp32"]
     bits += [name for name, on in (("channels-last", path.channels_last), ("fused AdamW", path.fused),
-                                   ("compile", path.compile), ("SDPA", path.sdpa)) if on]
+                                   ("compile", path.compile)) if on]
+    if path.sdpa:  # FastPath.prepare keeps einsum attention under CPU bf16
+        bits.append("einsum attention" if bf16 and device.type == "cpu" else "SDPA")
     return ", ".join(bits) if len(bits) > 1 else bits[0] + ", default AdamW"
 
 

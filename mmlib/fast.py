@@ -430,7 +430,14 @@ class FastPath:
         fused: :func:`adamw` with the fused kernel where supported (``foreach`` otherwise); off =
             torch's default AdamW.
         compile: :func:`maybe_compile`.
-        sdpa: :func:`set_sdpa` in MONAI attention blocks.
+        sdpa: :func:`set_sdpa` in MONAI attention blocks, except when the model runs on a CPU under
+            bf16 autocast: there the blocks keep MONAI's einsum attention. torch 2.13's CPU
+            flash-attention kernel is slow in bf16: forward + backward of 4 x 8 heads x 96 tokens x
+            16 took 5.4 ms in bf16 vs 0.9 ms in fp32 and 1.0 ms for einsum attention in bf16; at
+            960 tokens x 96, 23 ms vs 43 ms (fp32) and 16 ms (einsum, bf16); 2 threads, Intel Xeon
+            with AMX. It made the quick ViTAutoEnc's bf16 step 0.095 s against 0.062 s with einsum
+            attention. The price is memory: einsum stores each layer's (B, heads, N, N) attention
+            matrix for backward.
         thin_convs_fp32: :func:`fp32_thin_convs` when the model runs on a CPU under bf16 (on a
             GPU the bf16 kernels for thin convolutions are not slow).
     """
@@ -451,7 +458,8 @@ class FastPath:
         """Every option the hardware supports on: bf16 autocast only where
         :func:`mmlib.core.autocast_dtype` picks it (CUDA with bf16; a CPU with AVX512-BF16/AMX),
         channels-last on CPU and CUDA (oneDNN / cuDNN), fused AdamW where torch has the kernel,
-        SDPA always (it exists on every device); ``torch.compile`` stays off (opt in)."""
+        SDPA (where :meth:`prepare` finds its kernels fast: not under CPU bf16); ``torch.compile``
+        stays off (opt in)."""
         device = torch.device(device)
         bf16 = core.autocast_dtype(device, "auto") is not None
         return cls(
@@ -475,12 +483,13 @@ class FastPath:
     def prepare(self, model: nn.Module, device: torch.device | str, *, example: Any = None) -> nn.Module:
         """Move ``model`` to ``device`` and apply the layout / attention / compile options (in place)."""
         model.to(device)
+        device = torch.device(device)
+        cpu_bf16 = device.type == "cpu" and core.autocast_dtype(device, self.precision) is not None
         if self.sdpa:
-            set_sdpa(model, True)
+            set_sdpa(model, not cpu_bf16)
         if self.channels_last:
             channels_last(model)
-        device = torch.device(device)
-        if self.thin_convs_fp32 and device.type == "cpu" and core.autocast_dtype(device, self.precision) is not None:
+        if self.thin_convs_fp32 and cpu_bf16:
             fp32_thin_convs(model)
         if example is not None and self.channels_last:
             example = to_channels_last(example)

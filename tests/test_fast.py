@@ -219,6 +219,18 @@ def test_augment_identity_when_off_and_flips_known_fraction():
 # --------------------------------------------------------------------------- SDPA
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fast_path_uses_sdpa_except_under_cpu_bf16(precision):
+    # CPU bf16 flash attention is slower than einsum attention (FastPath's docstring): prepare switches
+    # even a model built with SDPA back to einsum there, and to SDPA everywhere else
+    for built_with_sdpa in (True, False):
+        model = _tiny("vit", sdpa=built_with_sdpa)
+        FastPath(precision=precision).prepare(model, CPU)
+        assert {b.attn.use_flash_attention for b in model.encoder.blocks} == {precision == "fp32"}
+    FastPath.plain().prepare(plain := _tiny("vit"), CPU)
+    assert not any(b.attn.use_flash_attention for b in plain.encoder.blocks)
+
+
 def test_sdpa_same_output_and_state_dict_keys():
     plain, fast = _tiny("vit").eval(), _tiny("vit", sdpa=True).eval()
     assert list(plain.state_dict()) == list(fast.state_dict())
