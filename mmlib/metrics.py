@@ -94,6 +94,24 @@ def bootstrap_ci(
 # --------------------------------------------------------------------------- thresholds (P1)
 
 
+def ci_verdict(estimate: float, lower: float, upper: float, *, higher_is_better: bool = True) -> str:
+    """Whether a claimed difference held, from its estimate and confidence interval.
+
+    ``"yes"`` when the whole interval lies on the claimed side of 0; ``"partly: ..."`` when the
+    estimate does but the interval reaches 0 (one seed and a small test split: a lead the data
+    do not establish); ``"no"`` otherwise (an estimate of exactly 0 included). For a difference
+    where lower is better (a mean rank, a loss) pass ``higher_is_better=False``.
+    """
+    values = (float(estimate), float(lower), float(upper))
+    if not all(np.isfinite(values)):
+        return "no: the difference is undefined on this run"
+    e, lo, hi = values if higher_is_better else (-values[0], -values[2], -values[1])
+    if e <= 0:
+        return "no"
+    # a percentile bootstrap interval need not contain the estimate; both must clear 0
+    return "yes" if lo > 0 else "partly: ahead, but the 95% CI reaches 0"
+
+
 def _binary_inputs(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
     s = np.asarray(score, dtype=float)

@@ -233,8 +233,9 @@ if truth_vs_run is not None:
 # %% [markdown]
 # ## 7 · The paper's claims on this data
 # Every number here was computed in this run; the "paper reported" column quotes the paper.
-# Where a claim compares two AUCs, the paired bootstrap interval of the difference shows
-# whether a test set this small can tell them apart at all.
+# Where a claim compares two AUCs it held ("yes") only when the paired bootstrap 95% interval
+# of the difference clears 0; "partly" means only the point estimate is ahead, which a test set
+# this small cannot tell from noise.
 
 # %%
 claims = p2.claims_table(ft.summary, pre.history, ft.auc_differences(data, prof))

@@ -73,3 +73,28 @@ def test_macro_ovr_auc_matches_sklearn_and_handles_a_missing_class():
     assert np.isnan(macro_ovr_auc(np.zeros(5, int), prob[:5]))
     with pytest.raises(ValueError, match="outside"):
         macro_ovr_auc(np.array([0, 4]), prob[:2])
+
+
+def test_ci_verdict_needs_the_interval_to_clear_zero():
+    assert metrics.ci_verdict(0.10, 0.02, 0.18) == "yes"
+    assert metrics.ci_verdict(0.10, -0.02, 0.18).startswith("partly")
+    assert metrics.ci_verdict(0.0004, -0.15, 0.15).startswith("partly")  # "+0.000" is no longer a "yes"
+    assert metrics.ci_verdict(0.0, 0.0, 0.0) == "no" and metrics.ci_verdict(-0.1, -0.2, 0.05) == "no"
+    assert metrics.ci_verdict(-0.01, 0.01, 0.2) == "no"  # a percentile CI can miss its estimate: both must clear 0
+    # lower is better (a mean rank): the mirror image
+    assert metrics.ci_verdict(-2.0, -3.0, -1.0, higher_is_better=False) == "yes"
+    assert metrics.ci_verdict(-2.0, -3.0, 0.5, higher_is_better=False).startswith("partly")
+    assert metrics.ci_verdict(2.0, 1.0, 3.0, higher_is_better=False) == "no"
+    assert metrics.ci_verdict(float("nan"), 0.1, 0.2).startswith("no")
+
+
+def test_ci_verdict_of_a_real_bootstrap():
+    # a planted lead is established on 400 subjects, not on 12
+    rng = np.random.default_rng(0)
+
+    def verdict(n: int) -> str:
+        a = rng.normal(0.3, 1.0, n)
+        return metrics.ci_verdict(*metrics.bootstrap_ci(np.mean, a, n_boot=300, seed=1, desc=None))
+
+    assert verdict(400) == "yes"
+    assert verdict(12) != "yes"

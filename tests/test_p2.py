@@ -83,6 +83,14 @@ def test_claims_table_reports_what_the_numbers_say():
     assert held["pretraining raises the vision contribution (ResNetMLP)"] == "no"
     assert held["the ViT trained from scratch collapses onto the tabular data"] == "no"
     assert held["the ViTAutoEnc reconstructs better than the ResNetAutoEnc (Figure 4)"] == "no"
+    # with paired CIs, an AUC lead must clear 0 to count (the paper's own numbers lead; these CIs decide)
+    diffs = {"ViTMLP: frozen - progressive": (0.01, -0.05, 0.07), "ResNetMLP: progressive - frozen": (0.06, 0.01, 0.11),
+             "ResNetMLP: progressive - scratch": (0.16, -0.01, 0.3), "ViTMLP: frozen - scratch": (0.02, 0.005, 0.04)}
+    held = p2.claims_table(summary, hist, diffs).set_index("claim")["held"]
+    assert held["frozen suits the well-pretrained encoder: ViT frozen > ViT progressive (test AUC)"].startswith("partly")
+    assert held["progressive unfreezing suits the weaker encoder: ResNet progressive > ResNet frozen (test AUC)"] == "yes"
+    assert held["the best pretrained ResNetMLP beats ResNetMLP from scratch (test AUC)"].startswith("partly")
+    assert held["the best pretrained ViTMLP beats ViTMLP from scratch (test AUC)"] == "yes"
 
 
 def test_dead_vision_features_counts_relus_that_never_fire():

@@ -555,7 +555,9 @@ def _pct(x: float) -> str:
 
 def claims_table(summary: pd.DataFrame, pretrain_hist: pd.DataFrame, diffs: Mapping[str, tuple[float, float, float]],
                  collapse_below: float = 0.10) -> pd.DataFrame:
-    """Each of the paper's claims, with this run's numbers and whether it held.
+    """Each of the paper's claims, with this run's numbers and whether it held. An AUC comparison with a
+    paired CI in ``diffs`` is ``yes`` when the CI clears 0 and ``partly`` when only the estimate does
+    (:func:`mmlib.metrics.ci_verdict`); the others compare point estimates.
 
     Args:
         summary: one row per (backbone, setup) with ``test AUC`` and ``vision`` (share).
@@ -574,6 +576,10 @@ def claims_table(summary: pd.DataFrame, pretrain_hist: pd.DataFrame, diffs: Mapp
             return ""
         e, lo, hi = diffs[key]
         return f"; AUC difference {e:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
+
+    def verdict(key: str, ahead: bool) -> str:
+        """From the paired CI where there is one (yes / partly / no), else from the point estimates."""
+        return metrics.ci_verdict(*diffs[key]) if key in diffs else ("yes" if ahead else "no")
 
     # 1 pretraining raises the vision contribution
     for b in BACKBONES:
@@ -600,19 +606,20 @@ def claims_table(summary: pd.DataFrame, pretrain_hist: pd.DataFrame, diffs: Mapp
     rf, rp = v("ResNetMLP", "pretrained frozen", "test AUC"), v("ResNetMLP", "pretrained progressive", "test AUC")
     rows.append({"claim": "frozen suits the well-pretrained encoder: ViT frozen > ViT progressive (test AUC)",
                  "paper reported": "0.743 > 0.729", "this run": f"{vf:.3f} vs {vp:.3f}" + ci("ViTMLP: frozen - progressive"),
-                 "held": "yes" if vf > vp else "no"})
+                 "held": verdict("ViTMLP: frozen - progressive", vf > vp)})
     rows.append({"claim": "progressive unfreezing suits the weaker encoder: ResNet progressive > ResNet frozen (test AUC)",
                  "paper reported": "0.715 > 0.653", "this run": f"{rp:.3f} vs {rf:.3f}" + ci("ResNetMLP: progressive - frozen"),
-                 "held": "yes" if rp > rf else "no"})
+                 "held": verdict("ResNetMLP: progressive - frozen", rp > rf)})
     # 5 pretrained beats scratch
     for b in BACKBONES:
         sc = v(b, "from scratch", "test AUC")
         best_setup = max(SETUPS[1:], key=lambda st: v(b, st, "test AUC"))
         bp = v(b, best_setup, "test AUC")
+        key = f"{b}: {best_setup.split()[-1]} - scratch"
         rows.append({"claim": f"the best pretrained {b} beats {b} from scratch (test AUC)",
                      "paper reported": {"ResNetMLP": "0.715 > 0.549", "ViTMLP": "0.743 > 0.722"}[b],
-                     "this run": f"{bp:.3f} ({best_setup}) vs {sc:.3f}" + ci(f"{b}: {best_setup.split()[-1]} - scratch"),
-                     "held": "yes" if bp > sc else "no"})
+                     "this run": f"{bp:.3f} ({best_setup}) vs {sc:.3f}" + ci(key),
+                     "held": verdict(key, bp > sc)})
     return pd.DataFrame(rows)
 
 
