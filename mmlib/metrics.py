@@ -105,7 +105,7 @@ def ci_verdict(estimate: float, lower: float, upper: float, *, higher_is_better:
     values = (float(estimate), float(lower), float(upper))
     if not all(np.isfinite(values)):
         return "no: the difference is undefined on this run"
-    e, lo, hi = values if higher_is_better else (-values[0], -values[2], -values[1])
+    e, lo, _ = values if higher_is_better else (-values[0], -values[2], -values[1])
     if e <= 0:
         return "no"
     # a percentile bootstrap interval need not contain the estimate; both must clear 0
