@@ -65,7 +65,7 @@ def _p1(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
 def _p2(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
     from mmlib.pipelines import p2
 
-    data = p2.load_data(cohort, prof)
+    data = p2.load_data(cohort, prof).to(dev)
     with _stage(run, "pretrain"):
         pre = p2.pretrain_both(data, prof, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
     with _stage(run, "finetune"):

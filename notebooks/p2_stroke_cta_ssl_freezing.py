@@ -90,7 +90,7 @@ prof
 # %%
 with run.stage("data"):
     cohort = open_cohort("stroke_cta", data_dir, prof.preset, seed)
-    data = p2.load_data(cohort, prof)
+    data = p2.load_data(cohort, prof).to(dev)  # on a GPU the volumes live there (no-op on the CPU)
 cohort_counts = p2.cohort_table(data)
 run.table(cohort_counts, "cohort", caption="Pretraining pool and fine-tuning subset, this run vs paper reported (P2 2.2, Table 1)")
 cohort_counts

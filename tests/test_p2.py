@@ -209,3 +209,23 @@ def test_train_cli_applies_profile_overrides_and_names_unknown_fields(capsys):
     assert resolve_profile("p2", "full") == p2.PROFILES.get_profile("full")
     assert main(["train", "p2", "--profile", "smoke", "--set", "compiled=True", "--data-dir", "unused"]) == 2
     assert "compiled" in capsys.readouterr().err  # the unknown field is named before anything runs
+
+
+def test_data_held_on_a_device_serves_batches_there():
+    # P2Data.to keeps the float16 volumes where the model runs; on the CPU it is a no-op. The "meta"
+    # device stands in for a GPU here: the same branch, no storage.
+    n = 5
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "rfs_days": np.arange(n, dtype=float) * 100})
+    images = torch.rand(n, 1, 8, 8, 8).half()
+    data = p2.P2Data(table=table, images=images, tabular=torch.arange(n * 5.0).reshape(n, 5), masks=None,
+                     spacing_mm=(1.0, 1.0, 1.0))
+    assert data.to("cpu") is data
+    host = data.batch([3, 1])
+    torch.testing.assert_close(host["image"], images[[3, 1]].float())
+    torch.testing.assert_close(host["target"], torch.tensor([300.0, 100.0]) / p2.RFS_SCALE_DAYS)
+    moved = data.to("meta")
+    assert moved is not data and data.images.device.type == "cpu"  # the host copy is untouched
+    assert moved.images.dtype == torch.float16 and moved.table is data.table
+    dev = moved.batch([3, 1])
+    assert {k: (v.device.type, v.dtype, tuple(v.shape)) for k, v in dev.items()} == {
+        k: ("meta", v.dtype, tuple(v.shape)) for k, v in host.items()}

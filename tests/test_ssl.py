@@ -15,10 +15,16 @@ def _volumes(b: int = 2, shape=(16, 16, 16), seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 1, *shape, generator=g) + 1.0  # strictly positive: a dropped box is visible
 
 
-def test_corruption_returns_a_corrupted_copy_and_leaves_input_alone():
+# None: the CPU recipe (every draw on one host generator); True: the device recipe (boxes drawn on the
+# host, values and permutations on the images' device), run here on the CPU
+RECIPES = pytest.mark.parametrize("on_device", [None, True], ids=["host-draws", "device-draws"])
+
+
+@RECIPES
+def test_corruption_returns_a_corrupted_copy_and_leaves_input_alone(on_device):
     x = _volumes()
     keep = x.clone()
-    corr = InputCorruption()
+    corr = InputCorruption(draws_on_device=on_device)
     out = corr(x, seed=1)
     assert torch.equal(x, keep)  # input untouched
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -28,9 +34,10 @@ def test_corruption_returns_a_corrupted_copy_and_leaves_input_alone():
         assert 0 < changed < 1, i  # some voxels corrupted, not the whole volume
 
 
-def test_corruption_is_seeded_and_independent_per_sample():
+@RECIPES
+def test_corruption_is_seeded_and_independent_per_sample(on_device):
     x = _volumes()
-    corr = InputCorruption()
+    corr = InputCorruption(draws_on_device=on_device)
     a, b = corr(x, seed=3), corr(x, seed=3)
     assert torch.equal(a, b)
     assert not torch.equal(a, corr(x, seed=4))
@@ -39,21 +46,31 @@ def test_corruption_is_seeded_and_independent_per_sample():
     assert not torch.equal(out[0], out[1])  # drawn per sample
 
 
-def test_each_corruption_alone():
+@RECIPES
+def test_each_corruption_alone(on_device):
     x = _volumes(1)
     # dropout only: changed voxels form boxes and their values are replaced (not a permutation)
-    out = InputCorruption(shuffle_holes=0)(x, seed=0)
+    out = InputCorruption(shuffle_holes=0, draws_on_device=on_device)(x, seed=0)
     assert (out != x).any()
     assert not torch.equal(torch.sort(out.flatten()).values, torch.sort(x.flatten()).values)
     # random fill values lie within the volume's intensity range
     assert out.min() >= x.min() and out.max() <= x.max()
     # shuffle only, always applied: voxels are permuted, so the multiset of values is unchanged
-    out = InputCorruption(dropout_holes=0, shuffle_prob=1.0)(x, seed=0)
+    out = InputCorruption(dropout_holes=0, shuffle_prob=1.0, draws_on_device=on_device)(x, seed=0)
     assert (out != x).any()
     assert torch.equal(torch.sort(out.flatten()).values, torch.sort(x.flatten()).values)
     # nothing enabled: an exact copy
     assert torch.equal(InputCorruption(dropout_holes=0, shuffle_holes=0)(x, seed=0), x)
     assert torch.equal(InputCorruption(dropout_holes=0, shuffle_prob=0.0)(x, seed=0), x)
+
+
+def test_cpu_images_keep_the_host_recipe():
+    # the default on a CPU draws everything from one host generator, as before the device recipe existed
+    # (the CPU tables do not move); the device recipe draws its own values
+    x = _volumes()
+    default = InputCorruption()(x, seed=7)
+    assert torch.equal(default, InputCorruption(draws_on_device=False)(x, seed=7))
+    assert not torch.equal(default, InputCorruption(draws_on_device=True)(x, seed=7))
 
 
 def test_reconstruction_loss_is_l1_against_clean_volume():

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,9 +191,34 @@ class P2Data:
             raise ValueError(f"unknown subset {which!r}; choose one of {sorted(sel)}")
         return np.flatnonzero(sel[which].to_numpy())
 
+    def to(self, device: torch.device | str, *, max_fraction: float = 0.5) -> P2Data:
+        """The same data with the images (float16, decoded once) and tabular inputs held on ``device``.
+
+        Batches are then cut, made float and corrupted where the model runs: no host work and no
+        host-to-device copy per batch (at the paper's 224 x 224 x 320 a float32 volume is 64 MB; making
+        it float (25 ms) and corrupting it (29 ms) on 2 CPU cores took twice the per-volume budget of
+        the 34 volumes/s GPU target; ``mmlib.ssl.InputCorruption``).
+        Returns ``self`` on the CPU, and (with a warning) when the images would take more than
+        ``max_fraction`` of the device's free memory: 393 paper-size volumes are 12.6 GB.
+        """
+        device = torch.device(device)
+        if device.type == "cpu" or self.images.device == device:
+            return self
+        need = self.images.numel() * self.images.element_size() + self.tabular.numel() * self.tabular.element_size()
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > max_fraction * free:
+                warnings.warn(f"P2 images ({need / 2**30:.1f} GiB) exceed {max_fraction:.0%} of the free memory on "
+                              f"{device} ({free / 2**30:.1f} GiB): they stay in host memory, and each batch is copied",
+                              stacklevel=2)
+                return self
+        return replace(self, images=self.images.to(device), tabular=self.tabular.to(device))
+
     def batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         rfs = torch.as_tensor(self.table["rfs_days"].to_numpy(dtype=np.float32, copy=True))[idx]
+        if self.images.device.type != "cpu":  # held on the device (P2Data.to): index there
+            idx, rfs = idx.to(self.images.device), rfs.to(self.images.device)
         return {"image": self.images[idx].float(), "tabular": self.tabular[idx], "target": rfs / RFS_SCALE_DAYS}
 
     def batches(self, idx: np.ndarray, batch_size: int, *, shuffle_seed: int | None = None):
@@ -658,7 +684,7 @@ def reconstruction_figure(pre: Pretrained, data: P2Data, *, seed: int = 0):
     import matplotlib.pyplot as plt
 
     row = int(data.index("pretrain_val")[0])
-    clean = data.batch([row])["image"]
+    clean = data.batch([row])["image"].cpu()
     corrupted = InputCorruption()(clean, seed=10_000_019)
     panels = {"clean": clean, "corrupted input": corrupted}
     with torch.no_grad():
@@ -922,7 +948,7 @@ def occlusion_study(ft: FineTuned, data: P2Data, prof: P2Profile, *, device: tor
         if (top["backbone"], top["setup"]) not in shown:
             shown.append((top["backbone"], top["setup"]))
     maps = {f"{b} · {st}": maps[(b, st)] for b, st in shown}
-    vol = data.images[case, 0].float().numpy()
+    vol = data.images[case, 0].float().cpu().numpy()
     mask = data.masks[case].numpy() > 0 if data.masks is not None else None
     if mask is not None and mask.any():
         point = [int(round(c)) for c in np.argwhere(mask).mean(axis=0)]
