@@ -233,7 +233,7 @@ def run_case(spec: dict) -> dict:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     total = sum(step_s)
     return {
-        "model": spec["model"], "case": case, "options": _describe(path, device),
+        "model": spec["model"], "case": case, "options": _describe(path, device, attention=spec["model"].startswith("ViT")),
         "volumes_per_s": batch * len(step_s) / total, "s_per_step": total / len(step_s),
         "median_s_per_step": statistics.median(step_s), "data_s_per_step": sum(data_s) / len(data_s),
         "peak_mb": peak_mb, "decode_once_s": decode_s, "cache_mb": None if cache_bytes is None else cache_bytes / 2**20,
@@ -241,14 +241,14 @@ def run_case(spec: dict) -> dict:
     }
 
 
-def _describe(path, device: torch.device) -> str:
+def _describe(path, device: torch.device, *, attention: bool) -> str:
     from mmlib import core
 
     bf16 = core.autocast_dtype(device, path.precision) is not None
     bits = ["bf16" if bf16 else "fp32"]
     bits += [name for name, on in (("channels-last", path.channels_last), ("fused AdamW", path.fused),
                                    ("compile", path.compile)) if on]
-    if path.sdpa:  # FastPath.prepare keeps einsum attention under CPU bf16
+    if path.sdpa and attention:  # FastPath.prepare keeps einsum attention under CPU bf16
         bits.append("einsum attention" if bf16 and device.type == "cpu" else "SDPA")
     return ", ".join(bits) if len(bits) > 1 else bits[0] + ", default AdamW"
 
