@@ -48,6 +48,11 @@ class _Trainer:
     run: Callable[..., None]  # (cohort, prof, ckpt_dir, device, seed, resume, run or None off rank 0)
 
 
+def _no_clock(history):
+    """A history without its wall-clock ``seconds``: the same seed writes identical tables (run.json keeps the times)."""
+    return history.drop(columns="seconds", errors="ignore")
+
+
 def _p1(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
     from mmlib.pipelines import p1
 
@@ -57,8 +62,8 @@ def _p1(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
     with _stage(run, "finetune"):
         ft = p1.finetune_all(data, prof, pre, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
     if run is not None:
-        run.table(pre.history, "pretraining_history", caption="Pretraining losses per epoch and objective")
-        run.table(ft.history, "finetuning_history", caption="Fine-tuning losses per epoch and method")
+        run.table(_no_clock(pre.history), "pretraining_history", caption="Pretraining losses per epoch and objective")
+        run.table(_no_clock(ft.history), "finetuning_history", caption="Fine-tuning losses per epoch and method")
         run.table(p1.comparison_table(ft), "comparison", caption="Test ROC-AUC and balanced accuracy per method")
 
 
@@ -72,7 +77,7 @@ def _p2(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
         ft = p2.finetune_all(data, prof, pre, device=dev, seeds=[seed + s for s in prof.finetune_seeds],
                              ckpt_dir=ckpt_dir, resume=resume)
     if run is not None:
-        run.table(pre.history, "pretraining_history", caption="Pretraining L1 loss per epoch, both autoencoders")
+        run.table(_no_clock(pre.history), "pretraining_history", caption="Pretraining L1 loss per epoch, both autoencoders")
         run.table(p2.table2(ft), "table2", caption="Test AUC per backbone and setup (P2 Table 2)")
 
 
@@ -85,10 +90,10 @@ def _p3(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
     with _stage(run, "ablations"):
         ablations, histories = p3.run_ablations(data, prof, seed=seed, device=dev, main=(model, history))
     if run is not None:
-        run.table(history, "pretraining_history", caption="Contrastive loss per epoch (train and validation)")
+        run.table(_no_clock(history), "pretraining_history", caption="Contrastive loss per epoch (train and validation)")
         run.table(p3.retrieval_table(model, data), "retrieval", caption="Recall@k in every direction (test split)")
         run.table(ablations, "ablations", caption="Every ablation's pre-training, summarised on the test split")
-        run.table(histories, "ablation_histories", caption="Pre-training history of every variant")
+        run.table(_no_clock(histories), "ablation_histories", caption="Pre-training history of every variant")
 
 
 def _p4(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool, run: results.Run | None) -> None:
@@ -101,9 +106,9 @@ def _p4(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
         emb = p4.embed(data, enc, device=dev)
         trained = p4.train_models(emb, data, prof, device=dev, seed=seed)
     if run is not None:
-        run.table(enc.ct_history, "ct_pretraining_history", caption="CT autoencoder: L1 loss per epoch")
-        run.table(enc.ehr_history, "ehr_pretraining_history", caption="EHR foundation model: loss per epoch")
-        run.table(trained.history, "training_history", caption="Cox loss per epoch, model and seed")
+        run.table(_no_clock(enc.ct_history), "ct_pretraining_history", caption="CT autoencoder: L1 loss per epoch")
+        run.table(_no_clock(enc.ehr_history), "ehr_pretraining_history", caption="EHR foundation model: loss per epoch")
+        run.table(_no_clock(trained.history), "training_history", caption="Cox loss per epoch, model and seed")
         run.table(p4.cindex_table(trained, data, prof, seed=seed), "cindex",
                   caption="Harrell's c-index (95% bootstrap CI), internal test and external site")
 
@@ -116,7 +121,7 @@ def _p5(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
         cv = p5.cross_validate(data, prof, seed=seed, device=dev)
     if run is not None:
         per_fold = p5.fold_metrics(cv, data)
-        run.table(cv.history, "training_history", caption="Training losses per epoch, model and fold")
+        run.table(_no_clock(cv.history), "training_history", caption="Training losses per epoch, model and fold")
         run.table(per_fold, "per_fold_metrics", caption="Every model's metrics on every held-out fold")
         run.table(p5.comparison_table(per_fold), "comparison", caption="Mean and sd over folds per model")
 

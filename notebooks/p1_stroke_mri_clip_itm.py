@@ -108,7 +108,7 @@ counts
 # %%
 with run.stage("pretrain"):
     pre = p1.pretrain_all(data, prof, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
-run.table(pre.history, "pretraining_history", caption="Pretraining losses per epoch and objective (train and validation)")
+run.table(pre.history.drop(columns="seconds"), "pretraining_history", caption="Pretraining losses per epoch and objective (train and validation)")
 fig = viz.loss_curves(pre.history, group="objective", title="Pretraining loss", ylabel="loss")
 run.figure(fig, "pretraining_loss", caption="Pretraining loss per objective, train and validation")
 plt.show()
@@ -137,7 +137,7 @@ itm
 # %%
 with run.stage("finetune"):
     ft = p1.finetune_all(data, prof, pre, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
-run.table(ft.history, "finetuning_history", caption="Fine-tuning cross-entropy per epoch and method")
+run.table(ft.history.drop(columns="seconds"), "finetuning_history", caption="Fine-tuning cross-entropy per epoch and method")
 table = p1.comparison_table(ft)
 run.table(table, "comparison", caption="Test ROC-AUC and balanced accuracy (95% bootstrap CI) of every method")
 display(Markdown("**Comparison** (every number computed in this run)"))

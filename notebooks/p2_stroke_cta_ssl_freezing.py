@@ -105,7 +105,7 @@ cohort_counts
 # %%
 with run.stage("pretrain"):
     pre = p2.pretrain_both(data, prof, ckpt_dir=ckpt_dir, device=dev, seed=seed, resume=resume)
-run.table(pre.history, "pretraining_history", caption="Pretraining L1 loss per epoch (train: corrupted draws per epoch; val: fixed draws)")
+run.table(pre.history.drop(columns="seconds"), "pretraining_history", caption="Pretraining L1 loss per epoch (train: corrupted draws per epoch; val: fixed draws)")
 fig = viz.loss_curves(pre.history, group="model", title="Pretraining L1 loss (Figure 4)", ylabel="L1 (image in [0, 1])", logy=True)
 run.figure(fig, "fig4_pretraining_loss", caption="Pretraining L1 loss over epochs, train and validation, both autoencoders (P2 Figure 4)")
 plt.show()
@@ -142,7 +142,7 @@ with run.stage("finetune"):
     ft = p2.finetune_all(data, prof, pre, device=dev, seeds=[seed + s for s in prof.finetune_seeds], ckpt_dir=ckpt_dir, resume=resume)
 for line in ft.load_reports:
     print(line)
-run.table(ft.history, "finetuning_history", caption="Fine-tuning training loss (MSE on RFS in thousands of days) per epoch")
+run.table(ft.history.drop(columns="seconds"), "finetuning_history", caption="Fine-tuning training loss (MSE on RFS in thousands of days) per epoch")
 fig = viz.loss_curves(ft.history[ft.history["seed"] == seed].assign(run=lambda d: d["backbone"] + " · " + d["setup"]),
                       group="run", title="Fine-tuning loss", ylabel="MSE (RFS, 1000 days)²", logy=True)
 run.figure(fig, "finetuning_loss", caption="Fine-tuning training loss per setup")

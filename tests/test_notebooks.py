@@ -95,6 +95,10 @@ def test_notebook_executes_at_smoke_profile(path, tmp_path):
             assert (final / f).exists(), f
     assert (final / f"{path.stem}.ipynb").exists() and (final / f"{path.stem}.html").exists()
     assert not list((tmp_path / "results").glob("*.running"))
+    # wall-clock times belong in run.json: a table that holds one differs between two runs of one seed
+    for table in final.glob("tables/*.csv"):
+        header = table.read_text(encoding="utf-8").splitlines()[0].split(",")
+        assert "seconds" not in header, f"{table.name} writes wall-clock seconds"
 
 
 _GOOD = """
