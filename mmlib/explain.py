@@ -30,7 +30,7 @@ import torch
 from mmlib import core
 
 __all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "input_gradient", "localisation_scores", "modality_contribution",
-           "occlusion_map", "patch_grid"]
+           "occlusion_map", "patch_grid", "upsample_layer_map"]
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -295,11 +295,12 @@ class GradCamMap:
     """Result of :func:`grad_cam` for one sample.
 
     Attributes:
-        cam: Grad-CAM on the input grid (X, Y, Z), float32, >= 0: ``layer_cam`` upsampled
+        cam: Grad-CAM on the input grid (X, Y, Z), float32, >= 0 (signed with ``relu=False``): ``layer_cam`` upsampled
             trilinearly (``align_corners=False``) to the spatial size of ``inputs[key]``; equal to
             ``layer_cam`` when ``upsample=False``. Not normalised (MONAI min-max scales its map,
             captum does not).
-        layer_cam: ``ReLU(sum_c w_c A_c)`` on the layer's grid, float32, >= 0.
+        layer_cam: ``ReLU(sum_c w_c A_c)`` on the layer's grid, float32, >= 0 (without the ReLU
+            when ``relu=False``).
         score: the explained output (the scalar whose gradient was taken).
         target: the class column explained (None for a (B,) output).
         weights: the per-channel weights ``w_c`` (C,): gradients averaged over space.
@@ -338,6 +339,21 @@ def _interpolate_mode(ndim: int) -> str:
     return modes[ndim]
 
 
+def _upsample(layer_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(1, 1, *S) -> (1, 1, *size): linear interpolation as Grad-CAM upsamples (``align_corners=False``)."""
+    return torch.nn.functional.interpolate(layer_map, size=tuple(size), mode=_interpolate_mode(len(size)),
+                                           align_corners=False)
+
+
+def upsample_layer_map(layer_map: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A map on a layer's grid (e.g. a part of :attr:`GradCamMap.layer_cam`) on the input grid ``size``,
+    interpolated exactly as :func:`grad_cam` upsamples its ``cam``; float32."""
+    t = torch.as_tensor(np.asarray(layer_map, dtype=np.float32))[None, None]
+    if t.ndim - 2 != len(size):
+        raise ValueError(f"a {t.ndim - 2}-d layer map cannot be upsampled to {tuple(size)}")
+    return _upsample(t, size)[0, 0].numpy()
+
+
 def grad_cam(
     forward: Forward,
     layer: torch.nn.Module,
@@ -347,6 +363,7 @@ def grad_cam(
     key: str = "image",
     upsample: bool = True,
     model: torch.nn.Module | None = None,
+    relu: bool = True,
 ) -> GradCamMap:
     """Grad-CAM (Selvaraju et al. 2017) of one sample at ``layer`` (P1: the last ResNet stage).
 
@@ -373,6 +390,9 @@ def grad_cam(
             statistics); each submodule's train/eval flag is restored afterwards. When
             ``forward`` is itself an ``nn.Module`` it is used if ``model`` is None. Without
             either, the caller is responsible for eval mode.
+        relu: Grad-CAM's ReLU (captum's ``relu_attributions``). ``False`` keeps the signed map
+            ``sum_c w_c A_c``: its negative part is where the channel weights say the layer's
+            activations lower the explained output.
 
     Returns:
         :class:`GradCamMap`.
@@ -421,14 +441,16 @@ def grad_cam(
         act, grad = act.detach().float(), grad.detach().float()
         spatial_dims = tuple(range(2, act.ndim))
         w = grad.mean(dim=spatial_dims, keepdim=True)
-        lcam = torch.relu((w * act).sum(dim=1, keepdim=True))
+        lcam = (w * act).sum(dim=1, keepdim=True)
+        if relu:
+            lcam = torch.relu(lcam)
         if upsample:
             size = tuple(x.shape[2:])
             if len(size) != lcam.ndim - 2:
                 raise ValueError(f"layer output {tuple(act.shape)} and input {tuple(x.shape)} differ in spatial dims")
-            mode = _interpolate_mode(len(size))
-            cam = torch.nn.functional.interpolate(lcam, size=size, mode=mode, align_corners=False)
-            cam = cam.clamp_min(0)
+            cam = _upsample(lcam, size)
+            if relu:
+                cam = cam.clamp_min(0)
         else:
             cam = lcam
     return GradCamMap(cam=cam[0, 0].cpu().numpy().astype(np.float32),

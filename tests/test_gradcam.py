@@ -45,11 +45,11 @@ def _image(seed: int = 1, shape=SHAPE) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _captum_cam(model, layer, x, target):
+def _captum_cam(model, layer, x, target, relu=True):
     from captum.attr import LayerGradCam
 
     lgc = LayerGradCam(lambda t: model({"image": t})["logits"], layer)
-    attr = lgc.attribute(x.clone(), target=target, relu_attributions=True)
+    attr = lgc.attribute(x.clone(), target=target, relu_attributions=relu)
     return attr, F.interpolate(attr, size=x.shape[2:], mode="trilinear", align_corners=False)
 
 
@@ -67,6 +67,21 @@ def test_grad_cam_equals_captum_layer_grad_cam(target, inplace):
     with torch.no_grad():
         assert res.score == pytest.approx(float(model({"image": x})["logits"][0, target]), abs=1e-6)
     assert res.target == target
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_signed_grad_cam_equals_captum_without_relu(target):
+    """relu=False keeps the map's negative part (captum's relu_attributions=False); its positive
+    part on the layer grid is the usual Grad-CAM."""
+    model, x = _model(), _image()
+    signed = grad_cam(lambda b: model(b)["logits"], model.stage, {"image": x}, target=target, model=model, relu=False)
+    usual = grad_cam(lambda b: model(b)["logits"], model.stage, {"image": x}, target=target, model=model)
+    assert (signed.layer_cam < 0).any() and (signed.layer_cam > 0).any()  # both signs on this model
+    layer_attr, up = _captum_cam(model, model.stage, x, target, relu=False)
+    np.testing.assert_allclose(signed.layer_cam, layer_attr[0, 0].detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(signed.cam, up[0, 0].detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(usual.layer_cam, np.maximum(signed.layer_cam, 0), atol=1e-7)
+    np.testing.assert_array_equal(signed.weights, usual.weights)
 
 
 def test_grad_cam_differs_between_targets():

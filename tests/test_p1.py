@@ -222,6 +222,77 @@ def test_localisation_summary_needs_both_the_shuffled_map_and_the_untrained_netw
     assert "are gradient saliency." in text and "Guided Grad-CAM: 4.00x" in text
 
 
+class _NegatedStroke(torch.nn.Module):
+    """The same network with the stroke logit negated: Grad-CAM's channel weights flip sign."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.clip = inner, inner.clip
+
+    def forward(self, batch):
+        logits = self.inner(batch)["logits"]
+        return {"logits": torch.stack([logits[:, 0], -logits[:, 1]], 1)}
+
+
+def test_gradcam_by_stage_scores_both_signs_at_every_stage():
+    """Negating the stroke logit swaps Grad-CAM's positive and negative parts, stage by stage, and
+    each stage is scored on its own grid."""
+    prof = p1.PROFILES["smoke"]
+    data = _data()
+    g = torch.Generator().manual_seed(3)
+    data.truth = torch.rand(len(data.table), *prof.spatial_size, generator=g) > 0.97
+    method = "supervised image"
+    torch.manual_seed(5)
+    model = p1.P1Classifier(p1.build_clip(data, prof), "image").eval()
+    cams = p1.GradCamStudy(None, None, None, None, "", cases={method: [8, 9, 10]})
+    kw = {"device": torch.device("cpu"), "n_random": 20, "seed": 0}
+    table = p1.gradcam_by_stage(types.SimpleNamespace(models={method: model}), data, prof, cams, **kw)
+    flipped = p1.gradcam_by_stage(types.SimpleNamespace(models={method: _NegatedStroke(model)}), data, prof, cams, **kw)
+
+    grids = {}
+
+    def record(stage):
+        def hook(_m, _i, out):
+            grids[stage] = "x".join(map(str, out.shape[2:]))
+        return hook
+
+    hooks = [getattr(model.clip.image_encoder, st).register_forward_hook(record(st)) for st in p1.RESNET_STAGES]
+    with torch.no_grad():
+        model(data.batch([8]))
+    for h in hooks:
+        h.remove()
+    assert list(table["stage"]) == [st for st in p1.RESNET_STAGES for _ in p1.STAGE_MAPS]
+    assert list(table["map"]) == list(p1.STAGE_MAPS) * len(p1.RESNET_STAGES)
+    assert dict(zip(table["stage"], table["grid"])) == grids
+    assert (table["cases"] == 3).all()
+
+    cols = ["mass_in_lesions", "ratio_to_random", "above_random_p95", "pointing_game"]
+    pos, neg = (t.set_index(["stage", "map"]) for t in (table, flipped))
+    for st in p1.RESNET_STAGES:
+        a, b = p1.STAGE_MAPS
+        np.testing.assert_allclose(neg.loc[(st, a), cols].astype(float), pos.loc[(st, b), cols].astype(float), rtol=1e-5)
+        np.testing.assert_allclose(neg.loc[(st, b), cols].astype(float), pos.loc[(st, a), cols].astype(float), rtol=1e-5)
+    # the untrained network is built afresh, so its columns do not flip
+    np.testing.assert_allclose(table["untrained_ratio"].astype(float), flipped["untrained_ratio"].astype(float))
+    # the positive part is the usual Grad-CAM (ReLU on the layer grid, then upsampled), case by case
+    for st in p1.RESNET_STAGES:
+        mass = []
+        for r in (8, 9, 10):
+            cam = p1.grad_cam(lambda b: model(b)["logits"], getattr(model.clip.image_encoder, st),
+                              {k: v for k, v in data.batch([r]).items() if k != "label"}, target=1, model=model)
+            mass.append(p1.localisation_scores(cam.cam, data.truth[r].numpy(), n_random=2)["mass_inside"])
+        assert pos.loc[(st, "Grad-CAM"), "mass_in_lesions"] == pytest.approx(np.nanmean(mass), rel=1e-5)
+    assert table.loc[table["map"] == "Grad-CAM", "mass_in_lesions"].sum() > 0
+
+    empty = p1.GradCamStudy(None, None, None, None, "", cases={method: []})
+    assert "note" in p1.gradcam_by_stage(types.SimpleNamespace(models={method: model}), data, prof, empty, **kw)
+
+    made_up = table.assign(verdict=np.where((table["stage"] == "layer2") & (table["map"] == "Grad-CAM"), "yes", "no"))
+    text = p1.stage_verdict(made_up, method)
+    assert "- Grad-CAM: beats both baselines at layer2 (" in text
+    assert "- Grad-CAM, negative part: beats both baselines at no stage" in text
+
+
 def test_fast_option_keeps_the_function_and_the_checkpoint_keys():
     """prof.fast stores the convolutions channels-last and picks the fused Adam update: the same
     network (identical keys; logits and gradients within fp32 rounding)."""
