@@ -34,7 +34,8 @@
 #    model, with ROC-AUC and balanced accuracy (threshold chosen on validation, not test).
 # 4. **Alignment**: cross-modal retrieval on the test set and UMAP of the embeddings.
 # 5. **Grad-CAM** and three finer maps on true-positive cases, scored against the lesions we
-#    planted, with the same maps of the untrained network as a sanity check.
+#    planted, with the same maps of the untrained network as a sanity check; then Grad-CAM at
+#    every ResNet stage, to see whether a miss is a matter of the layer.
 # 6. **Claims**: which of the paper's claims held on this data.
 #
 # The default data are the generated `stroke_mri` cohort (`data_manifest/cohorts/stroke_mri.md`).
