@@ -222,6 +222,17 @@ def test_localisation_summary_needs_both_the_shuffled_map_and_the_untrained_netw
     assert "are gradient saliency." in text and "Guided Grad-CAM: 4.00x" in text
 
 
+def test_localisation_summary_counts_an_empty_map_as_no_mass():
+    """localisation_scores gives NaN for a map with no mass at all; the summary counts it as 0 on the lesions."""
+    rows = _score_rows(p1.PAPER, "trained", "Grad-CAM", [2.0, 2.0], [True, True])
+    rows += _score_rows(p1.PAPER, "untrained", "Grad-CAM", [np.nan, 3.0], [False, True])
+    rows[2]["mass_inside"] = np.nan
+    s = p1.localisation_summary(pd.DataFrame(rows)).iloc[0]
+    assert s["untrained_ratio"] == pytest.approx(1.5)  # (0 + 3) / 2, not 3
+    assert s["beats_untrained"] == pytest.approx(0.5)
+    assert s["untrained_above_p95"] == pytest.approx(0.5)
+
+
 class _NegatedStroke(torch.nn.Module):
     """The same network with the stroke logit negated: Grad-CAM's channel weights flip sign."""
 

@@ -896,7 +896,9 @@ def stage_verdict(stages: pd.DataFrame, method: str = PAPER) -> str:
 def localisation_summary(scores: pd.DataFrame) -> pd.DataFrame:
     """Per method, map and truth: the trained model's localisation beside its untrained network's, and the verdict
     (see :func:`gradcam_study`)."""
-    s = scores.assign(above=lambda d: d["mass_inside"] > d["chance_p95"])
+    # an all-zero map (Grad-CAM's ReLU can leave nothing) puts no mass on the lesions: 0, not "undefined"
+    s = scores.assign(mass_inside=scores["mass_inside"].fillna(0.0), ratio=scores["ratio"].fillna(0.0))
+    s = s.assign(above=lambda d: d["mass_inside"] > d["chance_p95"])
     keys = ["method", "map", "truth", "subject_id"]
     tr = s[s["weights"] == "trained"].set_index(keys)
     un = s[s["weights"] == "untrained"].set_index(keys)
