@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--data-dir", default=None)
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads of the notebook's torch (default: every usable core; make reproduce: 1)")
+                     help="CPU threads of the notebook's torch (default: every usable core; make reproduce: its THREADS, 2 by default)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="papermill's per-cell progress bar (default: when stderr is a terminal)")
     run.set_defaults(func=_cmd_run)
