@@ -18,6 +18,7 @@ __all__ = [
     "macro_ovr_auc",
     "paired_bootstrap_diff",
     "paired_summary",
+    "retrieval_ranks",
     "retrieval_recall",
     "time_dependent_auc",
     "uno_c",
@@ -213,6 +214,21 @@ def macro_ovr_auc(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
 
 
+def retrieval_ranks(similarity: np.ndarray) -> np.ndarray:
+    """Per query (row), the rank of its correct item (column i): the number of other columns
+    scored ``>=`` it, so 0 = retrieved first and a tie counts against the model. Row i is a hit
+    at k when its rank is ``< k`` (:func:`retrieval_recall` averages that over the rows)."""
+    if hasattr(similarity, "detach"):
+        similarity = similarity.detach().cpu().numpy()
+    sim = np.asarray(similarity, dtype=float)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty square (N, N) matrix, got {sim.shape}")
+    if np.isnan(sim).any():
+        raise ValueError("similarity contains NaN")
+    correct = np.diag(sim)[:, None]
+    return (sim >= correct).sum(axis=1) - 1  # the correct column itself always counts once
+
+
 def retrieval_recall(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Recall@k of cross-modal retrieval where row i's correct match is column i.
 
@@ -231,19 +247,11 @@ def retrieval_recall(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> di
         ``{"R@k": recall, "chance@k": k / N}`` for every k (the chance level of a random
         ranking).
     """
-    if hasattr(similarity, "detach"):
-        similarity = similarity.detach().cpu().numpy()
-    sim = np.asarray(similarity, dtype=float)
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
-        raise ValueError(f"similarity must be a non-empty square (N, N) matrix, got {sim.shape}")
-    if np.isnan(sim).any():
-        raise ValueError("similarity contains NaN")
-    n = sim.shape[0]
+    rank = retrieval_ranks(similarity)
+    n = len(rank)
     ks = tuple(int(k) for k in ks)
     if not ks or any(not 1 <= k <= n for k in ks):
         raise ValueError(f"every k must lie in 1..N={n}, got {ks}")
-    correct = np.diag(sim)[:, None]
-    rank = (sim >= correct).sum(axis=1) - 1  # the correct column itself always counts once
     out: dict[str, float] = {}
     for k in ks:
         out[f"R@{k}"] = float((rank < k).mean())

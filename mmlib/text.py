@@ -52,6 +52,7 @@ __all__ = [
     "TEXT_MODES",
     "TextEncoder",
     "cross_modal_recall",
+    "cross_modal_similarity",
     "load_text_model",
     "mean_pool",
     "minilm_path",
@@ -602,6 +603,25 @@ def zero_shot_auroc(
     return out
 
 
+def cross_modal_similarity(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, *,
+                           owner: str = "cross_modal_similarity") -> np.ndarray:
+    """The (N, N) cosine similarity ``normalize(a) @ normalize(b).T`` of paired embeddings (pair i is
+    ``(a[i], b[i])``): what :func:`cross_modal_recall` ranks, and with
+    :func:`mmlib.metrics.retrieval_ranks` each query's own rank (for per-subject, paired comparisons).
+
+    Raises:
+        ValueError: on shapes other than two (N, D) of one shape, or non-finite values.
+    """
+    x = _as_float_tensor(a, "a", owner).detach()
+    y = _as_float_tensor(b, "b", owner).detach()
+    if x.ndim != 2 or x.shape != y.shape or x.shape[0] == 0:
+        raise ValueError(
+            f"{owner} expects a and b of one shape (N, D) with N >= 1, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return (F.normalize(x.to(dtype), dim=1) @ F.normalize(y.to(device=x.device, dtype=dtype), dim=1).T).cpu().numpy()
+
+
 def cross_modal_recall(
     a: torch.Tensor | np.ndarray,
     b: torch.Tensor | np.ndarray,
@@ -629,16 +649,9 @@ def cross_modal_recall(
             outside 1..N.
     """
     owner = "cross_modal_recall"
-    x = _as_float_tensor(a, "a", owner).detach()
-    y = _as_float_tensor(b, "b", owner).detach()
-    if x.ndim != 2 or x.shape != y.shape or x.shape[0] == 0:
-        raise ValueError(
-            f"{owner} expects a and b of one shape (N, D) with N >= 1, got {tuple(x.shape)} and {tuple(y.shape)}"
-        )
     if not (isinstance(names, tuple) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         raise ValueError(f"{owner}: names must be a pair of strings, got {names!r}")
-    dtype = torch.promote_types(x.dtype, y.dtype)
-    sim = (F.normalize(x.to(dtype), dim=1) @ F.normalize(y.to(device=x.device, dtype=dtype), dim=1).T).cpu().numpy()
+    sim = cross_modal_similarity(a, b, owner=owner)
     ks = tuple(ks)
     forward, backward = retrieval_recall(sim, ks), retrieval_recall(sim.T, ks)
     na, nb = names

@@ -93,6 +93,8 @@ def _p3(cohort, prof, ckpt_dir: Path, dev: torch.device, seed: int, resume: bool
         run.table(_no_clock(history), "pretraining_history", caption="Contrastive loss per epoch (train and validation)")
         run.table(p3.retrieval_table(model, data), "retrieval", caption="Recall@k in every direction (test split)")
         run.table(ablations, "ablations", caption="Every ablation's pre-training, summarised on the test split")
+        run.table(p3.ablation_differences(ablations, seed=seed), "ablation_differences",
+                  caption="Ablation comparisons, paired over the test subjects (difference a - b, bootstrap 95% CI)")
         run.table(_no_clock(histories), "ablation_histories", caption="Pre-training history of every variant")
 
 

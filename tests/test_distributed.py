@@ -272,7 +272,7 @@ def test_cli_train_runs_a_pipeline_under_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("pipeline, tables", [
-    ("p3", {"pretraining_history", "retrieval", "ablations", "ablation_histories"}),
+    ("p3", {"pretraining_history", "retrieval", "ablations", "ablation_differences", "ablation_histories"}),
     ("p4", {"ct_pretraining_history", "ehr_pretraining_history", "training_history", "cindex"}),
     ("p5", {"training_history", "per_fold_metrics", "comparison"}),
 ])

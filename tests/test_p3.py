@@ -369,15 +369,128 @@ def _classification(zero_shot: float) -> pd.DataFrame:
                          "linear probe": 0.8, "supervised from scratch": 0.85})
 
 
+_MODS = ("xray",) * 4 + ("ecg",) * 5
+
+
+def _scores(quality: float, n: int = 200, left_out: str | None = None) -> p3.SubjectScores:
+    """Synthetic per-subject scores of one variant on the same n subjects (fixed labels and noise):
+    higher ``quality`` separates the classes more and retrieves more pairs, subject by subject."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((n, 9)) < 0.3).astype(np.int8)
+    zs = labels * 4 * (quality - 0.5) + rng.normal(size=(n, 9))
+    hits = (rng.random((n, 4)) < quality - 0.5).astype(float)
+    if left_out is not None:
+        zs[:, [j for j, m in enumerate(_MODS) if m == left_out]] = np.nan
+        hits[:, [0, 1] if left_out == "xray" else [2, 3]] = np.nan
+    return p3.SubjectScores(labels=labels, values=np.concatenate([zs, hits], 1), class_modality=_MODS)
+
+
 def _ablations(main: float, off: float, full: float) -> pd.DataFrame:
-    rows = []
+    """An ablation table whose rows are computed from synthetic subject scores, carried in its attrs."""
+    rows, subjects = [], {}
     for name in p3.ABLATIONS:
         v = {"DropKey off": off, "text encoder fully fine-tuned": full}.get(name, main)
+        left_out = {"text + X-ray only": "ecg", "text + ECG only": "xray"}.get(name)
+        subjects[name] = _scores(v, left_out=left_out)
         peak = 1.5 if name == "DropKey off" else (1.2 if main > off else 1.8)  # smoother exactly when better
-        rows.append({"variant": name, "zero-shot X-ray (mean AUROC)": v, "zero-shot ECG (mean AUROC)": v,
-                     "text<->X-ray R@5": v, "text<->ECG R@5": v, "X-ray rollout peak / mean": peak,
-                     "X-ray attention lift in findings": 1.0})
-    return pd.DataFrame(rows)
+        rows.append({"variant": name, **dict(zip(p3.SCORE_COLUMNS, subjects[name].components())),
+                     "X-ray rollout peak / mean": peak, "X-ray attention lift in findings": 1.0})
+    table = pd.DataFrame(rows)
+    table.attrs["subject_scores"] = subjects
+    return table
+
+
+def test_auroc_columns_equal_roc_auc_score():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((60, 3)) < 0.4).astype(int)
+    s = np.round(rng.normal(size=(60, 3)) + y, 1)  # rounded: ties within and across the classes
+    y[:, 2] = 0
+    auc = p3._auroc_columns(y, s)
+    assert auc[:2] == pytest.approx([roc_auc_score(y[:, j], s[:, j]) for j in range(2)], abs=1e-12)
+    assert np.isnan(auc[2])  # one label value: undefined, not 0.5
+
+
+def test_score_components_average_the_defined_classes():
+    """A class without positives among the subjects drops out of its modality's mean (as pandas' mean in
+    run_summary skips it); a modality left out is NaN."""
+    s = _scores(0.8)
+    labels = s.labels.copy()
+    labels[:, 0] = 0
+    comp = p3.score_components(labels, s.values, _MODS)
+    assert comp[0] == pytest.approx(p3._auroc_columns(labels[:, 1:4], s.values[:, 1:4]).mean())
+    assert comp[2] == pytest.approx(s.values[:, 9:11].mean())
+    assert np.isnan(_scores(0.8, left_out="ecg").components()[[1, 3]]).all()
+
+
+def test_subject_scores_give_the_ablation_rows_numbers(data, trained):
+    """The per-subject scores average back to zero_shot_table's and retrieval_table's numbers (computed apart)."""
+    model, _ = trained
+    zs = p3.zero_shot_table(model, data)
+    ret = p3.retrieval_table(model, data, ks=(5,))
+    expect = [zs.loc[zs["modality"] == "xray", "auroc"].mean(), zs.loc[zs["modality"] == "ecg", "auroc"].mean()]
+    for mod in ("xray", "ecg"):
+        pair = ret[((ret["query"] == "text") & (ret["target"] == mod)) | ((ret["query"] == mod) & (ret["target"] == "text"))]
+        expect.append(pair["recall"].mean())
+    s = p3.subject_scores(model, data)
+    assert s.values.shape == (len(data.index("test")), 9 + 4) and s.class_modality == _MODS
+    assert s.components() == pytest.approx(expect, abs=1e-9)
+    row = p3.run_summary(model, data)
+    assert s.components() == pytest.approx([row[c] for c in p3.SCORE_COLUMNS], abs=1e-9)
+    only = p3.subject_scores(model, data, ("xray",)).components()
+    assert only[[0, 2]] == pytest.approx(np.asarray(expect)[[0, 2]], abs=1e-9) and np.isnan(only[[1, 3]]).all()
+
+
+def test_ablation_differences_recover_a_planted_gap_and_compare_shared_scores_only():
+    table = _ablations(0.8, 0.7, 0.8)
+    d = p3.ablation_differences(table, n_boot=200)
+    main = next(iter(p3.ABLATIONS))
+    assert len(d) == 6 and (d["a"] != main).sum() == 1  # linear minus off; the rest are the main run minus b
+    lin = d[d["a"] != main].iloc[0]
+    assert lin["b"] == "DropKey off" and lin["difference"] > 0  # linear is the main run's 0.8 here
+    d = d[d["a"] == main].set_index("b")
+    off = d.loc["DropKey off"]  # the main run separates and retrieves better than DropKey off, subject by subject
+    assert off["difference"] > 0 and off["95% lo"] > 0 and off["p"] < 0.05
+    same = d.loc["text encoder fully fine-tuned"]  # identical scores: exactly no difference
+    assert (same["difference"], same["95% lo"], same["95% hi"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    # a two-modality run is compared on its own modality: identical there, so no difference either
+    xr = d.loc["text + X-ray only"]
+    assert xr["scores"] == "zero-shot X-ray (mean AUROC), text<->X-ray R@5" and xr["difference"] == 0.0
+    ab = table.set_index("variant")
+    est = ab.loc[main, list(p3.SCORE_COLUMNS)].mean() - ab.loc["DropKey off", list(p3.SCORE_COLUMNS)].mean()
+    assert off["difference"] == pytest.approx(est, abs=1e-12)  # the table's numbers, not a second definition
+    read_back = table.copy()
+    read_back.attrs.clear()  # as a table read from CSV
+    with pytest.raises(ValueError, match="subject_scores"):
+        p3.ablation_differences(read_back)
+
+
+def test_claims_read_the_paired_intervals():
+    params = p3.text_parameter_table(SMOKE)
+    retrieval = pd.DataFrame({"query": ["text", "xray"], "target": ["xray", "text"], "k": 10, "recall": 0.3,
+                              "chance": 0.1, "n": 100})
+    table = _ablations(0.8, 0.7, 0.8)
+    main = next(iter(p3.ABLATIONS))
+
+    def claims(lora_lo, lora_est, dk_lo, two_lo):
+        rows = [("text encoder", main, "text encoder fully fine-tuned", lora_est, lora_lo),
+                ("DropKey", main, "DropKey off", 0.05, dk_lo),
+                ("DropKey", "DropKey linear in depth (paper text)", "DropKey off", 0.05, dk_lo),
+                ("modalities", main, "text + X-ray only", 0.05, two_lo),
+                ("modalities", main, "text + ECG only", 0.05, 0.01)]
+        diffs = pd.DataFrame([{"group": g, "a": a, "b": b, "difference": e, "95% lo": lo, "95% hi": e + 0.05}
+                              for g, a, b, e, lo in rows])
+        return p3.claims_table(_classification(0.8), retrieval, table, params, None, diffs).set_index("claim")["held"]
+
+    lora, dk, two = ("LoRA keeps quality with a tiny fraction of trainable text parameters",
+                     "attention dropping (DropKey) helps", "three modalities in one space beat two")
+    held = claims(-0.01, 0.0, 0.01, 0.01)
+    assert (held[lora], held[dk], held[two]) == ("yes", "yes", "yes")
+    held = claims(-0.03, -0.01, -0.01, -0.01)  # the same estimates, intervals reaching past the line
+    assert held[lora].startswith("partly") and held[two] == "partly"
+    assert held[dk] == "partly"  # smoother (peak 1.2 vs 1.5), better not established
+    assert claims(-0.05, -0.03, 0.01, 0.01)[lora] == "no"
 
 
 def test_claims_follow_the_numbers():

@@ -25,7 +25,9 @@ Stages, each a plain function called in order:
    :func:`classification_table` puts the three side by side.
 6. :func:`text_parameter_table` (trainable text parameters: full, LoRA, frozen) and
    :func:`run_ablations` (DropKey off / constant / linear, text encoder LoRA / frozen / full,
-   two vs three modalities; every variant pre-trained with the same seed and scored alike).
+   two vs three modalities; every variant pre-trained with the same seed and scored alike), and
+   :func:`ablation_differences` (each comparison paired over the test subjects, from
+   :func:`subject_scores`, with a bootstrap 95% CI).
 7. Ground truth: :func:`attention_scores` (X-ray attention rollout mass inside the planted
    finding masks, :func:`load_finding_masks`, against a random map), :func:`ecg_attention`,
    :func:`umap_figure` coloured by the hidden conditions; :func:`real_ecg_demo` sends pydicom's
@@ -61,11 +63,14 @@ from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
 
 __all__ = [
-    "ABLATIONS", "ECG_CLASSES", "MODALITIES", "PAPER_REPORTED", "PROFILES", "PROMPTS", "SPLITS", "XRAY_FINDINGS",
-    "MoRE", "P3Data", "P3Profile", "attention_figure", "attention_scores", "build_model", "claims_table",
+    "ABLATIONS", "ECG_CLASSES", "MODALITIES", "NONINFERIORITY_MARGIN", "PAPER_REPORTED", "PROFILES", "PROMPTS",
+    "SCORE_COLUMNS", "SPLITS", "XRAY_FINDINGS",
+    "MoRE", "P3Data", "P3Profile", "SubjectScores", "ablation_differences", "attention_figure", "attention_scores",
+    "build_model", "claims_table",
     "classification_figure", "classification_table", "compose_text", "condition_labels", "ecg_attention", "embed",
     "linear_probe_table", "load_data", "load_finding_masks", "paper_vs_run", "pretrain", "real_ecg_demo",
-    "retrieval_figure", "retrieval_table", "run_ablations", "run_summary", "standardise_xray", "supervised_table",
+    "retrieval_figure", "retrieval_table", "run_ablations", "run_summary", "score_components", "standardise_xray",
+    "subject_scores", "supervised_table",
     "text_parameter_table", "training_figure", "umap_figure", "xray_attention_maps", "xray_saliency_maps",
     "zero_shot_ci", "zero_shot_table",
 ]
@@ -584,6 +589,30 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def _prompt_scores(model: MoRE, data: P3Data, idx: np.ndarray, prompts: Mapping[str, tuple[str, str]],
+                   emb: Mapping[str, np.ndarray] | None = None) -> tuple[list, np.ndarray, np.ndarray]:
+    """``(classes, s_pos, s_neg)``: the classes of :func:`_labels` and, per row of ``idx`` (rows) and class
+    (columns), the cosine of the class's signal embedding to its positive and to its negative prompt."""
+    from mmlib.text import zero_shot_scores
+
+    emb = embed(model, data, idx) if emb is None else emb
+    classes = _labels(data)
+    missing = [c for _, c, _ in classes if c not in prompts]
+    if missing:
+        raise ValueError(f"zero_shot_table: no prompts for class(es) {missing}")
+    was_training = model.training
+    model.eval()
+    pos = model.encode_text([prompts[c][0] for _, c, _ in classes]).float().cpu()
+    neg = model.encode_text([prompts[c][1] for _, c, _ in classes]).float().cpu()
+    model.train(was_training)
+    cols_pos, cols_neg = [], []
+    for j, (mod, _, _) in enumerate(classes):
+        x = torch.from_numpy(emb[mod])
+        cols_pos.append(zero_shot_scores(x, pos[j:j + 1])[:, 0].numpy())
+        cols_neg.append(zero_shot_scores(x, neg[j:j + 1])[:, 0].numpy())
+    return classes, np.stack(cols_pos, 1), np.stack(cols_neg, 1)
+
+
 def zero_shot_table(model: MoRE, data: P3Data, *, split: str = "test",
                     prompts: Mapping[str, tuple[str, str]] | None = None) -> pd.DataFrame:
     """Zero-shot AUROC per X-ray finding (scored on the X-ray embedding) and ECG superclass (on the ECG's).
@@ -597,29 +626,15 @@ def zero_shot_table(model: MoRE, data: P3Data, *, split: str = "test",
         One row per class (4 + 5): ``modality``, ``class``, ``positive_prompt``, ``negative_prompt``,
         ``n``, ``n_positive``, ``auroc``, ``auroc_positive_only`` (NaN if the split holds one label value).
     """
-    from mmlib.text import zero_shot_scores
-
     prompts = dict(PROMPTS if prompts is None else prompts)
     idx = data.index(split)
-    emb = embed(model, data, idx)
-    classes = _labels(data)
-    missing = [c for _, c, _ in classes if c not in prompts]
-    if missing:
-        raise ValueError(f"zero_shot_table: no prompts for class(es) {missing}")
-    was_training = model.training
-    model.eval()
-    pos = model.encode_text([prompts[c][0] for _, c, _ in classes]).float().cpu()
-    neg = model.encode_text([prompts[c][1] for _, c, _ in classes]).float().cpu()
-    model.train(was_training)
+    classes, s_pos, s_neg = _prompt_scores(model, data, idx, prompts)
     rows = []
     for j, (mod, cls, y) in enumerate(classes):
-        x = torch.from_numpy(emb[mod])
-        s_pos = zero_shot_scores(x, pos[j:j + 1])[:, 0].numpy()
-        s_neg = zero_shot_scores(x, neg[j:j + 1])[:, 0].numpy()
         yt = y[idx]
         rows.append({"modality": mod, "class": cls, "positive_prompt": prompts[cls][0],
                      "negative_prompt": prompts[cls][1], "n": len(yt), "n_positive": int(yt.sum()),
-                     "auroc": _auroc(yt, s_pos - s_neg), "auroc_positive_only": _auroc(yt, s_pos)})
+                     "auroc": _auroc(yt, s_pos[:, j] - s_neg[:, j]), "auroc_positive_only": _auroc(yt, s_pos[:, j])})
     return pd.DataFrame(rows)
 
 
@@ -825,6 +840,147 @@ ABLATION_GROUP = {"DropKey off": "DropKey", "DropKey linear in depth (paper text
                   "text + X-ray only": "modalities", "text + ECG only": "modalities"}
 
 
+# the ablation table's columns that the claims average (zero-shot AUROC per modality, recall@5 text<->modality)
+SCORE_COLUMNS = ("zero-shot X-ray (mean AUROC)", "zero-shot ECG (mean AUROC)", "text<->X-ray R@5", "text<->ECG R@5")
+# an ablation "keeps quality" when its paired 95% CI ends above minus this (non-inferiority margin)
+NONINFERIORITY_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class SubjectScores:
+    """Per subject of a split, what one variant's :data:`SCORE_COLUMNS` average (:func:`subject_scores`).
+
+    Attributes:
+        labels: (n, C) 0/1 labels of the classes of :func:`_labels` (4 X-ray findings, then 5 ECG superclasses).
+        values: (n, C + 4): each class's zero-shot score (cosine to the positive minus to the negative
+            prompt), then whether the subject's own pair is within the top ``k`` (1 / 0) for text->X-ray,
+            X-ray->text, text->ECG and ECG->text. NaN for a modality the variant did not train.
+        class_modality: the modality of each of the C classes.
+        k: the recall cut-off.
+    """
+
+    labels: np.ndarray
+    values: np.ndarray
+    class_modality: tuple[str, ...]
+    k: int = 5
+
+    def components(self) -> np.ndarray:
+        """The four :data:`SCORE_COLUMNS` on all subjects (equal to the ablation table's row)."""
+        return score_components(self.labels, self.values, self.class_modality)
+
+
+def _auroc_columns(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of every column (Mann-Whitney with tied scores counted half, as roc_auc_score; NaN for a
+    column holding one label value): fast enough to resample hundreds of times."""
+    from scipy.stats import rankdata
+
+    y = labels.astype(bool)
+    n1 = y.sum(0).astype(float)
+    n0 = len(y) - n1
+    ranks = rankdata(scores, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+
+
+def score_components(labels: np.ndarray, values: np.ndarray, class_modality: Sequence[str]) -> np.ndarray:
+    """:data:`SCORE_COLUMNS` from per-subject scores (:class:`SubjectScores`): each modality's mean
+    zero-shot AUROC over its classes (those with both labels among the subjects), and the mean hit
+    rate of both text<->modality directions. A modality whose scores are NaN gives NaN."""
+    c = len(class_modality)
+    out = []
+    for mod in ("xray", "ecg"):
+        cols = [j for j, m in enumerate(class_modality) if m == mod]
+        z = values[:, cols]
+        auc = np.full(len(cols), np.nan) if np.isnan(z).any() else _auroc_columns(labels[:, cols], z)
+        # the mean over the classes the subjects define (a class without positives drops out, as in run_summary)
+        out.append(float(np.mean(auc[np.isfinite(auc)])) if np.isfinite(auc).any() else float("nan"))
+    hits = values[:, c:]
+    out += [float(np.mean(hits[:, 0:2])), float(np.mean(hits[:, 2:4]))]
+    return np.asarray(out)
+
+
+def subject_scores(model: MoRE, data: P3Data, modalities: Sequence[str] = MODALITIES, *, split: str = "test",
+                   k: int = 5) -> SubjectScores:
+    """Per subject of ``split``: zero-shot scores of every class and recall@``k`` hits text<->X-ray and
+    text<->ECG, the per-subject parts of :func:`zero_shot_table` and :func:`retrieval_table` (same
+    prompts, similarity and tie rule), so two variants can be compared on the same resampled subjects
+    (:func:`ablation_differences`). A modality left out of ``modalities`` is NaN."""
+    from mmlib.metrics import retrieval_ranks
+    from mmlib.text import cross_modal_similarity
+
+    idx = data.index(split)
+    if k > len(idx):
+        raise ValueError(f"subject_scores: k={k} is larger than the {len(idx)} subjects of split {split!r}")
+    emb = embed(model, data, idx)
+    classes, s_pos, s_neg = _prompt_scores(model, data, idx, dict(PROMPTS), emb=emb)
+    mods = tuple(m for m, _, _ in classes)
+    used = set(_check_modalities(modalities))
+    zs = s_pos - s_neg
+    zs[:, [j for j, m in enumerate(mods) if m not in used]] = np.nan
+    hits = np.full((len(idx), 4), np.nan)
+    for d, mod in enumerate(("xray", "ecg")):
+        if mod in used:
+            sim = cross_modal_similarity(emb["text"], emb[mod])  # as retrieval_table: text rows, mod columns
+            hits[:, 2 * d] = retrieval_ranks(sim) < k
+            hits[:, 2 * d + 1] = retrieval_ranks(sim.T) < k
+    labels = np.stack([y[idx] for _, _, y in classes], 1).astype(np.int8)
+    return SubjectScores(labels=labels, values=np.concatenate([zs, hits], 1), class_modality=mods, k=k)
+
+
+# (claim group, variant a, variant b): a minus b; the first variant of ABLATIONS is the main run
+_COMPARISONS = (
+    ("text encoder", None, "text encoder fully fine-tuned"),
+    ("text encoder", None, "text encoder frozen"),
+    ("DropKey", None, "DropKey off"),
+    ("DropKey", "DropKey linear in depth (paper text)", "DropKey off"),
+    ("modalities", None, "text + X-ray only"),
+    ("modalities", None, "text + ECG only"),
+)
+
+
+def ablation_differences(ablations: pd.DataFrame | Mapping[str, SubjectScores], *, n_boot: int = 500,
+                         seed: int = 0) -> pd.DataFrame:
+    """Each ablation comparison of the claims as a paired difference with a bootstrap 95% CI.
+
+    The score is the mean of :data:`SCORE_COLUMNS` the two variants share (a two-modality run is
+    compared on its own modality only). Test subjects are resampled with replacement, the same ones for
+    both variants (:func:`mmlib.metrics.paired_bootstrap_diff`); retrieval keeps the whole split as the
+    gallery. One pre-training seed: the interval covers the test subjects, not training noise.
+
+    Args:
+        ablations: :func:`run_ablations`'s table (its ``attrs["subject_scores"]``) or ``{variant: SubjectScores}``.
+
+    Returns:
+        One row per comparison present: ``group``, ``a``, ``b``, ``scores`` (which columns),
+        ``difference`` (a minus b), ``95% lo``, ``95% hi``, ``p``, ``n``.
+    """
+    from mmlib.metrics import paired_bootstrap_diff
+
+    scores = ablations.attrs.get("subject_scores") if isinstance(ablations, pd.DataFrame) else ablations
+    if not scores:
+        raise ValueError("ablation_differences needs per-subject scores: the table run_ablations returns carries "
+                         "them in attrs['subject_scores'] (a table read back from CSV does not)")
+    main = next(iter(scores))
+    rows = []
+    for group, a, b in _COMPARISONS:
+        a = main if a is None else a
+        if a not in scores or b not in scores or a == b:
+            continue
+        sa, sb = scores[a], scores[b]
+        use = np.isfinite(sa.components()) & np.isfinite(sb.components())
+
+        def metric(labels, values, use=use, mods=sa.class_modality):
+            return float(np.mean(score_components(labels, values, mods)[use]))
+
+        r = paired_bootstrap_diff(metric, sa.values, sb.values, sa.labels, n_boot=n_boot, seed=seed, desc=None)
+        rows.append({"group": group, "a": a, "b": b,
+                     "scores": ", ".join(c for c, u in zip(SCORE_COLUMNS, use) if u),
+                     "difference": r["estimate"], "95% lo": r["lower"], "95% hi": r["upper"], "p": r["p_value"],
+                     "n": len(sa.labels)})
+    return pd.DataFrame(rows)
+
+
 def run_summary(model: MoRE, data: P3Data, modalities: Sequence[str] = MODALITIES, *, split: str = "test",
                 masks: np.ndarray | None = None, seed: int = 0) -> dict[str, float]:
     """One line of numbers for a pre-trained model: mean zero-shot and linear-probe AUROC per modality,
@@ -867,8 +1023,10 @@ def run_ablations(data: P3Data, prof: P3Profile, *, seed: int = 0, device: str |
     Returns:
         ``(table, histories)``: one row per variant (``variant``, ``group``, :func:`run_summary`'s
         columns, ``seconds`` of pre-training) and every variant's per-epoch history (column ``variant``).
+        ``table.attrs["subject_scores"]`` holds each variant's :func:`subject_scores` on ``split``, for
+        :func:`ablation_differences`.
     """
-    rows, hist = [], []
+    rows, hist, subjects = [], [], {}
     for name, kw in ABLATIONS.items():
         start = time.perf_counter()
         if main is not None and not kw:
@@ -879,10 +1037,13 @@ def run_ablations(data: P3Data, prof: P3Profile, *, seed: int = 0, device: str |
         mods = tuple(kw.get("modalities", MODALITIES))
         row = {"variant": name, "group": ABLATION_GROUP.get(name, "main run")}
         row.update(run_summary(model, data, mods, split=split, masks=masks, seed=seed))
+        subjects[name] = subject_scores(model, data, mods, split=split)
         row["seconds"] = float(history["seconds"].sum()) if main is not None and not kw else time.perf_counter() - start
         rows.append(row)
         hist.append(history.assign(variant=name))
-    return pd.DataFrame(rows), pd.concat(hist, ignore_index=True)
+    table = pd.DataFrame(rows)
+    table.attrs["subject_scores"] = subjects
+    return table, pd.concat(hist, ignore_index=True)
 
 
 # --------------------------------------------------------------------------- attention
@@ -1319,8 +1480,14 @@ def paper_vs_run(classification: pd.DataFrame, params: pd.DataFrame) -> pd.DataF
 
 
 def claims_table(classification: pd.DataFrame, retrieval: pd.DataFrame, ablations: pd.DataFrame,
-                 params: pd.DataFrame, attention: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Which of the paper's claims held in this run (one seed; an ablation must lead by more than 0.02 to count).
+                 params: pd.DataFrame, attention: pd.DataFrame | None = None,
+                 differences: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Which of the paper's claims held in this run.
+
+    The ablation claims read :func:`ablation_differences` (``differences``, else computed from
+    ``ablations``): a variant beats another when the paired bootstrap 95% CI of the difference clears 0
+    (:func:`mmlib.metrics.ci_verdict`); LoRA "keeps quality" when the CI of LoRA minus full fine-tuning
+    ends above -:data:`NONINFERIORITY_MARGIN`.
 
     ``attention`` (:func:`attention_scores` with ``rollout``, optionally ``saliency``) adds the claim
     that the attention maps explain the findings: held when the rollout's lift inside the planted
@@ -1350,67 +1517,72 @@ def claims_table(classification: pd.DataFrame, retrieval: pd.DataFrame, ablation
                     f"text->ECG {_recall(best, 'text', 'ecg'):.2f}, X-ray->ECG {_recall(best, 'xray', 'ecg'):.2f}",
         "held": "yes" if len(beats) == len(best) else ("partly" if len(beats) else "no"),
     })
+    from mmlib.metrics import ci_verdict
+
     ab = ablations.set_index("variant")
-    main = ab.iloc[0]
-    score_cols = [c for c in ab.columns if c.startswith("zero-shot") or c.endswith("R@5")]
+    diffs = ablation_differences(ablations) if differences is None else differences
+    main_name = ab.index[0]
 
-    def mean_score(row: pd.Series) -> float:
-        return float(np.nanmean([row[c] for c in score_cols]))
+    def diff(a: str | None, b: str) -> pd.Series | None:
+        sel = diffs[(diffs["a"] == (main_name if a is None else a)) & (diffs["b"] == b)]
+        return sel.iloc[0] if len(sel) else None
 
-    full_name = "text encoder fully fine-tuned"
-    if full_name in ab.index:
+    def fmt(d: pd.Series) -> str:
+        return f"{d['difference']:+.3f} (95% CI {d['95% lo']:+.3f} to {d['95% hi']:+.3f})"
+
+    def beats(d: pd.Series) -> bool:
+        return ci_verdict(d["difference"], d["95% lo"], d["95% hi"]) == "yes"
+
+    full, frozen = diff(None, "text encoder fully fine-tuned"), diff(None, "text encoder frozen")
+    if full is not None:
         lora_rows = [i for i in params.index if i.startswith("LoRA") and "this profile" in i] or \
                     [i for i in params.index if i.startswith("LoRA")]
-        gap = mean_score(main) - mean_score(ab.loc[full_name])
-        frozen_gap = mean_score(main) - mean_score(ab.loc["text encoder frozen"]) if "text encoder frozen" in ab.index \
-            else np.nan
+        m = NONINFERIORITY_MARGIN
         rows.append({
             "claim": "LoRA keeps quality with a tiny fraction of trainable text parameters",
             "paper reported": "99.4% fewer trainable parameters, state-of-the-art results",
             "this run": f"LoRA trains {params.loc[lora_rows[0], '% trainable']:.3f}% of the text encoder; mean of "
-                        f"zero-shot AUROCs and R@5: LoRA minus full fine-tuning {gap:+.3f}, LoRA minus frozen "
-                        f"{frozen_gap:+.3f}",
-            "held": "yes" if gap >= -0.02 else ("partly" if gap >= -0.05 else "no"),
+                        f"zero-shot AUROCs and R@5, paired over the test subjects: LoRA minus full fine-tuning "
+                        f"{fmt(full)}" + (f", LoRA minus frozen {fmt(frozen)}" if frozen is not None else "")
+                        + f"; non-inferiority margin {m}",
+            "held": "yes" if full["95% lo"] > -m else (
+                f"partly: within {m}, but the 95% CI reaches below -{m}" if full["difference"] > -m else "no"),
         })
-    dk = [n for n in ab.index if ABLATION_GROUP.get(n) == "DropKey"]
-    if "DropKey off" in ab.index:
+    dk = [d for d in (diff(None, "DropKey off"), diff("DropKey linear in depth (paper text)", "DropKey off"))
+          if d is not None]
+    if dk:
         off = ab.loc["DropKey off"]
-        parts, wins, smoother = [], 0, 0
-        variants = [ab.index[0], *[n for n in dk if n != "DropKey off"]]
         smooth = "X-ray rollout peak / mean" in ab
-        for name in variants:
-            d = mean_score(ab.loc[name]) - mean_score(off)
-            wins += d > 0.02
+        parts, wins, smoother = [], 0, 0
+        for d in dk:
+            wins += beats(d)
             # smoother: the map's excess over flat (peak / mean - 1) at least a quarter below DropKey-off's
-            smoother += bool(smooth and (ab.loc[name, "X-ray rollout peak / mean"] - 1)
+            smoother += bool(smooth and (ab.loc[d["a"], "X-ray rollout peak / mean"] - 1)
                              < 0.75 * (off["X-ray rollout peak / mean"] - 1))
-            parts.append(f"{'constant' if name == ab.index[0] else 'linear'} minus off {d:+.3f}")
+            parts.append(f"{'constant' if d['a'] == main_name else 'linear'} minus off {fmt(d)}")
+        names = [d["a"] for d in dk]
         peaks = ("; rollout peak / mean (lower = smoother): " + ", ".join(
             f"{short} {ab.loc[n, 'X-ray rollout peak / mean']:.3f}"
-            for short, n in zip(("constant", "linear", "off"), [*variants, "DropKey off"])) if smooth else "")
+            for short, n in zip(("constant", "linear", "off"), [*names, "DropKey off"])) if smooth else "")
         lift = ("; X-ray attention lift in findings " + ", ".join(
-            f"{n.split(' (')[0]} {ab.loc[n, 'X-ray attention lift in findings']:.2f}" for n in [ab.index[0], *dk])
+            f"{n.split(' (')[0]} {ab.loc[n, 'X-ray attention lift in findings']:.2f}" for n in [*names, "DropKey off"])
             if "X-ray attention lift in findings" in ab else "")
-        better, smoothed = wins == len(variants), smooth and smoother == len(variants)
+        better, smoothed = wins == len(dk), smooth and smoother == len(dk)
         rows.append({
             "claim": "attention dropping (DropKey) helps",
             "paper reported": "smoother attention and better results",
-            "this run": "mean of zero-shot AUROCs and R@5: " + ", ".join(parts) + peaks + lift,
+            "this run": "mean of zero-shot AUROCs and R@5, paired: " + ", ".join(parts) + peaks + lift,
             "held": "yes" if better and smoothed else ("partly" if wins or smoother else "no"),
         })
-    two = [n for n in ab.index if ABLATION_GROUP.get(n) == "modalities"]
+    two = [d for d in (diff(None, "text + X-ray only"), diff(None, "text + ECG only")) if d is not None]
     if two:
-        parts, wins = [], 0
-        for name in two:
-            cols = [c for c in score_cols if not np.isnan(ab.loc[name, c])]
-            d = float(np.mean([main[c] - ab.loc[name, c] for c in cols]))
-            wins += d > 0.02
-            parts.append(f"three minus {name} {d:+.3f}")
+        wins = sum(beats(d) for d in two)
         rows.append({
             "claim": "three modalities in one space beat two",
             "paper reported": "tri-modal pre-training (the paper's premise)",
-            "this run": "on the shared modality's zero-shot AUROC and R@5: " + ", ".join(parts),
-            "held": "yes" if wins == len(parts) else ("partly" if wins else "no"),
+            "this run": "on the shared modality's zero-shot AUROC and R@5, paired: "
+                        + ", ".join(f"three minus {d['b']} {fmt(d)}" for d in two),
+            "held": "yes" if wins == len(two) else ("partly" if wins else "no"),
         })
     if attention is not None and len(attention):
         roll = attention[attention["method"] == "rollout"]
