@@ -52,11 +52,28 @@ def main() -> None:
         out = conv(vol).mean() + mlp(tab).mean()
         out.backward()
 
+    # the quick profiles' own networks: narrow 3D convolutions, where oneDNN's bf16 kernels lose
+    from mmlib.models.autoencoders import ResNetAutoEnc
+    from mmlib.models.clip import ResNet3dEncoder
+
+    p1_net = ResNet3dEncoder(widths=(8, 16, 32, 64), layers=(1, 1, 1, 1)).to(dev)  # P1 quick image encoder
+    p1_img = torch.randn(16, 1, 40, 48, 40, device=dev)
+    p2_net = ResNetAutoEnc(widths=(16, 32, 64, 128), layers=(2, 2, 2, 2)).to(dev)  # P2 quick ResNetAutoEnc
+    p2_img = torch.randn(4, 1, 64, 64, 96, device=dev)
+
+    def p1_step():
+        p1_net(p1_img)["features"].float().mean().backward()
+
+    def p2_step():
+        p2_net(p2_img).float().mean().backward()
+
     cases = {
         "matmul 2048x2048": lambda: a @ b,
         "Conv3d 32->64 k3 on 2x32^3 (forward)": lambda: conv(vol),
         "Conv3d 1->64 k7 s2 on 2x96^3 (forward)": lambda: stem(img),
         "Conv3d + MLP (forward + backward)": train_step,
+        "P1 quick image encoder, batch 16 of 40x48x40 (forward + backward)": p1_step,
+        "P2 quick ResNetAutoEnc, batch 4 of 64x64x96 (forward + backward)": p2_step,
     }
     print(f"device: {dev} ({core.device_name(dev)}), CPU bf16 instructions: {core.cpu_supports_bf16()}, "
           f"threads: {torch.get_num_threads()}, auto autocast: {core.autocast_dtype(dev)}")

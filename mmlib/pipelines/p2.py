@@ -122,8 +122,10 @@ class P2Profile(Profile):
     occlusion_batch: int = 64
     occlusion_cases: int = 6  # test relapses whose maps are scored against the plaque, per setup (~4 s a map in quick)
     n_boot: int = 500
-    # fp32 | bf16 | auto (bf16 where the hardware runs it natively). CPU profiles use fp32: under CPU bf16
-    # autocast the ViTMLP head gave NaN losses in training.
+    # fp32 | bf16 | auto (bf16 where the hardware runs it natively). CPU profiles use fp32: at these narrow 3D
+    # convolutions oneDNN's bf16 kernels are slower (the quick notebook took 1,292 s in bf16 vs 570 s in fp32 on
+    # a 2-core AMX Xeon; benchmarks/README.md). (An older reason, NaN losses of the ViTMLP under CPU bf16, no
+    # longer holds: that run's losses were finite.)
     precision: str = "fp32"
     # mmlib.fast's fp32-exact options: SDPA attention in the ViTs, channels-last 3D convolutions, fused Adam
     # (same maths up to float rounding; benchmarks/bench_p2_pretrain.py measures them)
