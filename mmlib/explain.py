@@ -12,6 +12,8 @@
   is, against what a random map gives, and the pointing game.
 - :func:`grad_cam`: Grad-CAM of one sample at any layer (P1: the last ResNet stage of a 3D
   volume), upsampled to the input grid; equal to captum's ``LayerGradCam`` + interpolation.
+  With ``weighting="elementwise"`` it is HiResCAM (captum's ``LayerGradientXActivation`` summed
+  over channels); :func:`grad_cam_layers` takes several layers and weightings in one pass.
 - :func:`input_gradient`: the gradient with respect to the input, plain (saliency) or guided
   (guided backpropagation; times Grad-CAM it is Guided Grad-CAM); equal to captum's
   ``Saliency`` (before abs) and ``GuidedBackprop``.
@@ -29,8 +31,8 @@ import torch
 
 from mmlib import core
 
-__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "input_gradient", "localisation_scores", "modality_contribution",
-           "occlusion_map", "patch_grid", "upsample_layer_map"]
+__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "grad_cam_layers", "input_gradient", "localisation_scores",
+           "modality_contribution", "occlusion_map", "patch_grid", "upsample_layer_map"]
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -300,10 +302,11 @@ class GradCamMap:
             ``layer_cam`` when ``upsample=False``. Not normalised (MONAI min-max scales its map,
             captum does not).
         layer_cam: ``ReLU(sum_c w_c A_c)`` on the layer's grid, float32, >= 0 (without the ReLU
-            when ``relu=False``).
+            when ``relu=False``; ``ReLU(sum_c dy/dA_c * A_c)`` for HiResCAM).
         score: the explained output (the scalar whose gradient was taken).
         target: the class column explained (None for a (B,) output).
-        weights: the per-channel weights ``w_c`` (C,): gradients averaged over space.
+        weights: the per-channel weights ``w_c`` (C,): gradients averaged over space (Grad-CAM's
+            weights, also for HiResCAM, which does not use them).
     """
 
     cam: np.ndarray
@@ -364,8 +367,9 @@ def grad_cam(
     upsample: bool = True,
     model: torch.nn.Module | None = None,
     relu: bool = True,
+    weighting: str = "mean",
 ) -> GradCamMap:
-    """Grad-CAM (Selvaraju et al. 2017) of one sample at ``layer`` (P1: the last ResNet stage).
+    """Grad-CAM (Selvaraju et al. 2017) of one sample at ``layer`` (P1: the last ResNet stage), or HiResCAM.
 
     A forward hook on ``layer`` captures its output ``A`` (1, C, *S) and hands a copy on to the
     rest of the network, so in-place operations after the layer cannot change the captured
@@ -374,6 +378,15 @@ def grad_cam(
     ``w_c = mean over S of dy/dA_c`` and ``layer_cam = ReLU(sum_c w_c A_c)``, upsampled to
     the input's spatial size. This is captum's ``LayerGradCam(relu_attributions=True)`` and
     MONAI's ``GradCAM`` before its min-max scaling. The hook is removed afterwards, also on error.
+
+    ``weighting="elementwise"`` gives HiResCAM (Draelos & Carin 2020) instead:
+    ``layer_cam = ReLU(sum_c dy/dA_c * A_c)``, the gradient multiplied with the activations
+    voxel by voxel rather than averaged over the grid first (captum's
+    ``LayerGradientXActivation`` summed over channels). Grad-CAM's averaging can give a channel
+    the sign of its gradient elsewhere in the volume, so a region that raises the output can
+    vanish from the map; HiResCAM keeps each voxel's own contribution. When the layer is
+    followed only by global average pooling and a linear head the gradient is the same at every
+    voxel and the two maps are equal.
 
     Only batch size 1 is supported (a (1, C, X, Y, Z) volume): one call explains one sample.
 
@@ -393,10 +406,47 @@ def grad_cam(
         relu: Grad-CAM's ReLU (captum's ``relu_attributions``). ``False`` keeps the signed map
             ``sum_c w_c A_c``: its negative part is where the channel weights say the layer's
             activations lower the explained output.
+        weighting: ``"mean"`` (Grad-CAM: each channel weighted by its gradient averaged over
+            space) or ``"elementwise"`` (HiResCAM: each voxel by its own gradient).
 
     Returns:
         :class:`GradCamMap`.
     """
+    name = type(layer).__name__
+    return grad_cam_layers(forward, {name: layer}, inputs, target=target, key=key, upsample=upsample, model=model,
+                           relu=relu, weightings=(weighting,))[(name, weighting)]
+
+
+_WEIGHTINGS = ("mean", "elementwise")
+
+
+def grad_cam_layers(
+    forward: Forward,
+    layers: Mapping[str, torch.nn.Module],
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    target: int | None = None,
+    key: str = "image",
+    upsample: bool = True,
+    model: torch.nn.Module | None = None,
+    relu: bool = True,
+    weightings: Sequence[str] = ("mean",),
+) -> dict[tuple[str, str], GradCamMap]:
+    """:func:`grad_cam` at several layers and weightings from one forward and one backward pass.
+
+    Every layer of ``layers`` (name -> module) is hooked at once and the explained output is
+    differentiated with respect to all their outputs together, so a sweep over a network's
+    stages costs one pass instead of one per stage and weighting. Each returned map equals what
+    :func:`grad_cam` gives for that layer and weighting; the arguments are :func:`grad_cam`'s.
+
+    Returns:
+        ``{(layer name, weighting): GradCamMap}`` for every layer and every weighting.
+    """
+    bad = [w for w in weightings if w not in _WEIGHTINGS]
+    if bad or not weightings:
+        raise ValueError(f"weighting must be 'mean' (Grad-CAM) or 'elementwise' (HiResCAM), got {bad or weightings!r}")
+    if not layers:
+        raise ValueError("grad_cam_layers needs at least one layer")
     if key not in inputs:
         raise KeyError(f"grad_cam explains inputs[{key!r}], which the batch lacks ({sorted(inputs)})")
     x = inputs[key]
@@ -410,53 +460,60 @@ def grad_cam(
         # so the graph reaches the layer even when every parameter before it is frozen
         batch[key] = x.detach().clone().requires_grad_(True)
 
-    captured: list[torch.Tensor] = []
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
 
-    def hook(_module, _inp, out):
-        if not torch.is_tensor(out):
-            raise TypeError(f"grad_cam needs a layer whose output is a tensor, got {type(out).__name__}")
-        captured.append(out)
-        return out.clone()
+    def hook_for(name: str):
+        def hook(_module, _inp, out):
+            if not torch.is_tensor(out):
+                raise TypeError(f"grad_cam needs a layer whose output is a tensor, got {type(out).__name__} ({name})")
+            captured[name].append(out)
+            return out.clone()
+        return hook
 
     modes = [(m, m.training) for m in model.modules()] if model is not None else []
-    handle = layer.register_forward_hook(hook)
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
     try:
         if model is not None:
             model.eval()
         with torch.enable_grad():
             score = _explained_score(forward(batch), target)
-            if not captured:
-                raise RuntimeError("the layer was not called by forward: is it part of the model?")
-            act = captured[-1]
-            if act.ndim < 3 or act.shape[0] != 1:
-                raise ValueError(f"the layer's output must be (1, C, *spatial), got {tuple(act.shape)}")
-            if not act.requires_grad:
-                raise RuntimeError("the layer's output does not require grad: nothing to differentiate")
-            (grad,) = torch.autograd.grad(score, act, allow_unused=False)
+            acts = []
+            for name, outs in captured.items():
+                if not outs:
+                    raise RuntimeError(f"the layer {name!r} was not called by forward: is it part of the model?")
+                act = outs[-1]
+                if act.ndim < 3 or act.shape[0] != 1:
+                    raise ValueError(f"the layer's output must be (1, C, *spatial), got {tuple(act.shape)} ({name})")
+                if not act.requires_grad:
+                    raise RuntimeError(f"the layer's output does not require grad: nothing to differentiate ({name})")
+                acts.append(act)
+            grads = torch.autograd.grad(score, acts, allow_unused=False)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         for m, was_training in modes:
             m.train(was_training)
+    size = tuple(x.shape[2:])
+    out: dict[tuple[str, str], GradCamMap] = {}
     with torch.no_grad():
-        act, grad = act.detach().float(), grad.detach().float()
-        spatial_dims = tuple(range(2, act.ndim))
-        w = grad.mean(dim=spatial_dims, keepdim=True)
-        lcam = (w * act).sum(dim=1, keepdim=True)
-        if relu:
-            lcam = torch.relu(lcam)
-        if upsample:
-            size = tuple(x.shape[2:])
-            if len(size) != lcam.ndim - 2:
+        for name, act, grad in zip(layers, acts, grads):
+            act, grad = act.detach().float(), grad.detach().float()
+            if upsample and len(size) != act.ndim - 2:
                 raise ValueError(f"layer output {tuple(act.shape)} and input {tuple(x.shape)} differ in spatial dims")
-            cam = _upsample(lcam, size)
-            if relu:
-                cam = cam.clamp_min(0)
-        else:
-            cam = lcam
-    return GradCamMap(cam=cam[0, 0].cpu().numpy().astype(np.float32),
-                      layer_cam=lcam[0, 0].cpu().numpy().astype(np.float32),
-                      score=float(score.detach()), target=target,
-                      weights=w.reshape(-1).cpu().numpy().astype(np.float32))
+            w = grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
+            for weighting in weightings:
+                lcam = ((w if weighting == "mean" else grad) * act).sum(dim=1, keepdim=True)
+                if relu:
+                    lcam = torch.relu(lcam)
+                cam = lcam
+                if upsample:
+                    cam = _upsample(lcam, size)
+                    if relu:
+                        cam = cam.clamp_min(0)
+                out[(name, weighting)] = GradCamMap(
+                    cam=cam[0, 0].cpu().numpy().astype(np.float32), layer_cam=lcam[0, 0].cpu().numpy().astype(np.float32),
+                    score=float(score.detach()), target=target, weights=w.reshape(-1).cpu().numpy().astype(np.float32))
+    return out
 
 
 # --------------------------------------------------------------------------- input gradients

@@ -34,8 +34,9 @@
 #    model, with ROC-AUC and balanced accuracy (threshold chosen on validation, not test).
 # 4. **Alignment**: cross-modal retrieval on the test set and UMAP of the embeddings.
 # 5. **Grad-CAM** and three finer maps on true-positive cases, scored against the lesions we
-#    planted, with the same maps of the untrained network as a sanity check; then Grad-CAM at
-#    every ResNet stage, to see whether a miss is a matter of the layer.
+#    planted, with the same maps of the untrained network as a sanity check; then Grad-CAM and
+#    HiResCAM at every ResNet stage, to see whether a miss is a matter of the layer or of
+#    Grad-CAM's averaging.
 # 6. **Claims**: which of the paper's claims held on this data.
 #
 # The default data are the generated `stroke_mri` cohort (`data_manifest/cohorts/stroke_mri.md`).
@@ -210,11 +211,17 @@ cams.summary
 # activations) is its negative part. Grad-CAM weighs each channel by its gradient averaged over
 # the whole grid. A negative part on the lesions means those averaged weights give the lesion
 # features the sign that lowers P(stroke), so the usual map leaves them out.
+#
+# HiResCAM (Draelos & Carin 2020) drops that averaging: each cell's activations are weighted by
+# the gradient at that cell. Where the lesion features raise the stroke logit locally but the
+# same channels lower it elsewhere, HiResCAM keeps the lesions and Grad-CAM loses them. Where a
+# stage is followed only by global pooling and a linear head (the image-only model's last stage)
+# the two maps are identical.
 
 # %%
 with run.stage("gradcam"):
     stages = p1.gradcam_by_stage(ft, data, prof, cams, device=dev, seed=seed)
-run.table(stages, "gradcam_by_stage", caption="Grad-CAM (positive and negative part) at every ResNet stage vs shuffled maps and the untrained network, lesions in the outcome region")
+run.table(stages, "gradcam_by_stage", caption="Grad-CAM (positive and negative part) and HiResCAM at every ResNet stage vs shuffled maps and the untrained network, lesions in the outcome region")
 print(p1.stage_verdict(stages))
 stages
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlib.explain import GradCamMap, grad_cam, input_gradient, localisation_scores
+from mmlib.explain import GradCamMap, grad_cam, grad_cam_layers, input_gradient, localisation_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,6 +88,100 @@ def test_grad_cam_differs_between_targets():
     model, x = _model(), _image()
     maps = [grad_cam(lambda b: model(b)["logits"], model.stage, {"image": x}, target=t).cam for t in range(3)]
     assert not np.allclose(maps[0], maps[1]) and not np.allclose(maps[1], maps[2])
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_hirescam_equals_captum_gradient_x_activation_summed_over_channels(target):
+    from captum.attr import LayerGradientXActivation
+
+    model, x = _model(), _image()
+    res = grad_cam(lambda b: model(b)["logits"], model.stage, {"image": x}, target=target, model=model,
+                   weighting="elementwise")
+    attr = LayerGradientXActivation(lambda t: model({"image": t})["logits"], model.stage).attribute(x.clone(), target=target)
+    ref = torch.relu(attr.sum(dim=1, keepdim=True))
+    np.testing.assert_allclose(res.layer_cam, ref[0, 0].detach().numpy(), atol=1e-6, rtol=1e-5)
+    up = F.interpolate(ref, size=x.shape[2:], mode="trilinear", align_corners=False)
+    np.testing.assert_allclose(res.cam, up[0, 0].detach().numpy(), atol=1e-6, rtol=1e-5)
+    usual = grad_cam(lambda b: model(b)["logits"], model.stage, {"image": x}, target=target, model=model)
+    assert not np.allclose(res.layer_cam, usual.layer_cam)  # the ReLU after the stage makes the gradient vary
+    np.testing.assert_array_equal(res.weights, usual.weights)
+
+
+def test_hirescam_equals_grad_cam_when_the_gradient_is_constant_over_space():
+    """Explained at the activation that global average pooling and the linear head read, every voxel
+    of a channel has the same gradient, so HiResCAM and Grad-CAM are the same map (Draelos & Carin)."""
+    model, x = _model(), _image()
+    kw = {"target": 1, "model": model, "relu": False}
+    hires = grad_cam(lambda b: model(b)["logits"], model.act, {"image": x}, weighting="elementwise", **kw)
+    usual = grad_cam(lambda b: model(b)["logits"], model.act, {"image": x}, **kw)
+    assert np.abs(usual.layer_cam).max() > 0
+    np.testing.assert_allclose(hires.layer_cam, usual.layer_cam, atol=1e-6, rtol=1e-5)
+
+
+class _SpatialReadout(nn.Module):
+    """y = sum over voxels of readout * A, with A = x^2 + 1 > 0 and a readout of +1 inside a box and
+    -0.25 elsewhere: the box raises y, yet the gradient averaged over the grid is negative."""
+
+    def __init__(self, spatial, box):
+        super().__init__()
+        self.layer = nn.Identity()
+        readout = torch.full((1, 1, *spatial), -0.25)
+        readout[(0, 0, *box)] = 1.0
+        self.register_buffer("readout", readout)
+
+    def forward(self, batch):
+        a = self.layer(batch["image"] ** 2 + 1.0)
+        return (a * self.readout).sum(dim=(1, 2, 3, 4))
+
+
+def test_hirescam_finds_the_region_grad_cam_averages_away():
+    spatial, box = (8, 8, 8), (slice(1, 3), slice(2, 4), slice(5, 7))
+    model = _SpatialReadout(spatial, box)
+    x = _image(4, (1, 1, *spatial))
+    inside = np.zeros(spatial, dtype=bool)
+    inside[box] = True
+    usual = grad_cam(model, model.layer, {"image": x})
+    hires = grad_cam(model, model.layer, {"image": x}, weighting="elementwise")
+    assert usual.weights[0] < 0 and not usual.layer_cam.any()  # the negative mean weight, then the ReLU: nothing
+    a = (x[0, 0] ** 2 + 1.0).numpy()
+    np.testing.assert_allclose(hires.layer_cam, np.where(inside, a, 0.0), rtol=1e-6)  # exactly the box's activations
+    with pytest.raises(ValueError, match="weighting"):
+        grad_cam(model, model.layer, {"image": x}, weighting="max")
+
+
+class _TwoStages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.stage1 = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv3d(4, 6, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Linear(6, 3)
+        self.calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        return {"logits": self.head(self.stage2(self.stage1(batch["image"])).amax(dim=(2, 3, 4)))}
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_grad_cam_layers_equals_grad_cam_per_layer_and_weighting_in_one_pass(relu):
+    model, x = _TwoStages().eval(), _image()
+    layers = {"one": model.stage1, "two": model.stage2}
+    maps = grad_cam_layers(lambda b: model(b)["logits"], layers, {"image": x}, target=2, model=model, relu=relu,
+                           weightings=("mean", "elementwise"))
+    assert model.calls == 1 and set(maps) == {(n, w) for n in layers for w in ("mean", "elementwise")}
+    for (name, weighting), res in maps.items():
+        ref = grad_cam(lambda b: model(b)["logits"], layers[name], {"image": x}, target=2, model=model, relu=relu,
+                       weighting=weighting)
+        np.testing.assert_allclose(res.layer_cam, ref.layer_cam, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(res.cam, ref.cam, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(res.weights, ref.weights)
+    assert maps[("one", "mean")].layer_cam.shape == SHAPE[2:] and maps[("two", "mean")].layer_cam.shape == (6, 5, 7)
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="weighting"):
+        grad_cam_layers(lambda b: model(b)["logits"], layers, {"image": x}, target=2, weightings=())
+    with pytest.raises(RuntimeError, match="'unused' was not called"):
+        grad_cam_layers(lambda b: model(b)["logits"], {"unused": nn.Conv3d(1, 1, 1)}, {"image": x}, target=2)
 
 
 class _MonaiWrap(nn.Module):

@@ -36,7 +36,7 @@ from mmlib import core, fast, metrics
 from mmlib.augment import ImageAugment3d, TabularCorruption
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
-from mmlib.explain import grad_cam, input_gradient, localisation_scores, occlusion_map, upsample_layer_map
+from mmlib.explain import grad_cam, grad_cam_layers, input_gradient, localisation_scores, occlusion_map, upsample_layer_map
 from mmlib.losses import ClipLoss, ImageTabularMatchingLoss
 from mmlib.models import EnsembleClassifier, ImageTabularCLIP
 from mmlib.train import fit, load_checkpoint
@@ -823,7 +823,7 @@ def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch
 
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
-STAGE_MAPS = ("Grad-CAM", "Grad-CAM, negative part")
+STAGE_MAPS = ("Grad-CAM", "Grad-CAM, negative part", "HiResCAM")
 
 
 def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCamStudy, *, device: torch.device,
@@ -839,6 +839,9 @@ def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCam
     - ``Grad-CAM, negative part``: ``ReLU(-sum_c w_c A_c)``, where the channel weights (the
       gradients averaged over the whole grid) say the activations lower the stroke logit. A
       negative part on the lesions means the averaged weights give lesion features the wrong sign.
+    - ``HiResCAM`` (Draelos & Carin 2020): ``ReLU(sum_c dy/dA_c * A_c)``, each cell weighted by
+      its own gradient instead of the grid's average, so it keeps what raises the logit where it
+      does so.
 
     Returns one row per method, stage and map, with the stage's ``grid``.
     """
@@ -855,12 +858,16 @@ def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCam
                 if not bool(data.truth[r].any()):
                     continue
                 b = {k: v.to(device) for k, v in data.batch([r]).items() if k != "label"}
+                # every stage and both weightings from one forward and one backward pass
+                maps = grad_cam_layers(lambda x, m=model: m(x)["logits"],
+                                       {st: getattr(model.clip.image_encoder, st) for st in stages}, b, target=1,
+                                       model=model, relu=False, upsample=False, weightings=("mean", "elementwise"))
+                size = b["image"].shape[2:]
                 for stage in stages:
-                    cam = grad_cam(lambda x, m=model: m(x)["logits"], getattr(model.clip.image_encoder, stage), b,
-                                   target=1, model=model, relu=False, upsample=False)
-                    grids[stage] = "x".join(str(v) for v in cam.layer_cam.shape)
-                    size = b["image"].shape[2:]
-                    for kind, part in zip(STAGE_MAPS, (np.maximum(cam.layer_cam, 0.0), np.maximum(-cam.layer_cam, 0.0))):
+                    signed, hires = maps[(stage, "mean")].layer_cam, maps[(stage, "elementwise")].layer_cam
+                    grids[stage] = "x".join(str(v) for v in signed.shape)
+                    layer_maps = (np.maximum(signed, 0.0), np.maximum(-signed, 0.0), np.maximum(hires, 0.0))
+                    for kind, part in zip(STAGE_MAPS, layer_maps):
                         amap = np.maximum(upsample_layer_map(part, size), 0.0)  # each part upsampled as Grad-CAM does
                         sc = localisation_scores(amap, data.truth[r].numpy(), seed=r, n_random=n_random)
                         rows.append({"method": method, "weights": weights, "map": f"{kind} @ {stage}", "truth": truth,
