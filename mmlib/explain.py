@@ -272,10 +272,18 @@ def localisation_scores(
     inside_share = float(mass[region].sum() / total)
     rng = np.random.default_rng(seed)
     chance = np.empty(n_random)
-    for i in range(n_random):
-        perm = rng.permutation(len(cells))
-        pm = cells[perm] * w
-        chance[i] = pm[region].sum() / pm.sum()
+    if patch is None:
+        # Equal cell sizes: a shuffled map puts on the region the values of a uniformly random set of
+        # as many cells, and its total is unchanged. Drawing that set is ~100x faster than permuting
+        # every voxel of a volume (the same distribution).
+        k = int(region.sum())
+        for i in range(n_random):
+            chance[i] = cells[rng.choice(len(cells), size=k, replace=False)].sum() / total
+    else:
+        for i in range(n_random):
+            perm = rng.permutation(len(cells))
+            pm = cells[perm] * w
+            chance[i] = pm[region].sum() / pm.sum()
     best_in_region = cells[region].max()
     rank = float((cells <= best_in_region).mean() * 100)
     return {

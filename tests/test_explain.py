@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.stats import hypergeom
 from torch import nn
 
 from mmlib.explain import localisation_scores, modality_contribution, occlusion_map, patch_grid
@@ -245,6 +246,20 @@ def test_localisation_random_map_chance_level():
     # a map concentrated in the region beats chance by about 1 / region_fraction
     s = localisation_scores(a * m + 1e-9, m, n_random=50)
     assert s["mass_inside"] > 0.99 and s["ratio"] > 0.9 / m.mean()
+
+
+def test_localisation_chance_follows_the_hypergeometric_law_of_a_shuffled_map():
+    """A map of value 1 on q cells and 0 elsewhere, shuffled: the share on a region of k of n cells is
+    (how many of the q cells land in it) / q, a hypergeometric count. The shuffles' mean and 95th
+    percentile must follow that law."""
+    m = _mask()
+    n, k, q = m.size, int(m.sum()), 400
+    a = np.zeros(n)
+    a[np.random.default_rng(3).choice(n, q, replace=False)] = 1.0
+    s = localisation_scores(a.reshape(m.shape), m, n_random=4000, seed=2)
+    law = hypergeom(n, q, k)
+    assert s["chance_mean"] == pytest.approx(law.mean() / q, abs=3 * law.std() / q / np.sqrt(4000))
+    assert law.ppf(0.93) / q <= s["chance_p95"] <= law.ppf(0.97) / q
 
 
 def test_localisation_input_errors():
