@@ -36,7 +36,14 @@ from mmlib import core, fast, metrics
 from mmlib.augment import ImageAugment3d, TabularCorruption
 from mmlib.core import Profile, ProfileSet
 from mmlib.data import Cohort
-from mmlib.explain import grad_cam, grad_cam_layers, input_gradient, localisation_scores, occlusion_map, upsample_layer_map
+from mmlib.explain import (
+    grad_cam,
+    grad_cam_layers,
+    input_gradient,
+    localisation_scores,
+    occlusion_map,
+    upsample_layer_map,
+)
 from mmlib.losses import ClipLoss, ImageTabularMatchingLoss
 from mmlib.models import EnsembleClassifier, ImageTabularCLIP
 from mmlib.train import fit, load_checkpoint
@@ -658,8 +665,7 @@ def retrieval_table(pre: Pretrained, data: P1Data, *, device: torch.device) -> p
 
 def _ranks(sim: np.ndarray) -> np.ndarray:
     """Rank (1 = best, ties against the model) of each row's own column."""
-    d = np.diag(sim)[:, None]
-    return (sim > d).sum(1) + (sim == d).sum(1)
+    return metrics.retrieval_ranks(sim) + 1
 
 
 def _rank_test(sim: np.ndarray, *, n_perm: int = 2000, seed: int = 0) -> dict[str, float]:
