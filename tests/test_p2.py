@@ -229,3 +229,20 @@ def test_data_held_on_a_device_serves_batches_there():
     dev = moved.batch([3, 1])
     assert {k: (v.device.type, v.dtype, tuple(v.shape)) for k, v in dev.items()} == {
         k: ("meta", v.dtype, tuple(v.shape)) for k, v in host.items()}
+
+
+def test_finetune_history_has_no_validation_column_and_keeps_the_last_epoch():
+    """The paper keeps no validation split in fine-tuning: the history carries the training loss per
+    epoch, and the checkpoint kept ("best") is the last epoch's."""
+    prof = p2.PROFILES["smoke"].replace(finetune_epochs=2)
+    n = 4
+    table = pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": ["train"] * n,
+                          "pretrain_split": ["train"] * n, "rfs_days": [100.0, 200.0, 3000.0, 300.0]})
+    data = p2.P2Data(table=table, images=torch.rand(n, 1, *prof.spatial_size).half(), tabular=torch.zeros(n, 5),
+                     masks=None, spacing_mm=prof.spacing_mm)
+    _, hist, report = p2.finetune("ResNetMLP", "from scratch", data, prof, encoder_ckpt=None,
+                                  device=torch.device("cpu"), seed=0)
+    assert report == "" and list(hist["epoch"]) == [0, 1]
+    assert "val_loss" not in hist and hist.notna().all().all()
+    assert list(hist.columns[:4]) == ["backbone", "setup", "seed", "epoch"]
+    assert np.isfinite(hist["train_loss"]).all() and list(hist["best"]) == [False, True]

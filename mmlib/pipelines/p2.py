@@ -456,6 +456,7 @@ def finetune(backbone: str, setup: str, data: P2Data, prof: P2Profile, *, encode
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, epochs=prof.finetune_epochs, optimizer=opt,
                schedule=schedule, checkpoint=stem, resume=resume, device=device, precision=prof.precision, seed=seed,
                meta={**_arch(backbone, prof), "setup": setup}, desc=f"{backbone} {setup}")
+    hist = hist.drop(columns="val_loss")  # no validation split in fine-tuning: the column would be all NaN
     hist.insert(0, "setup", setup)
     hist.insert(0, "backbone", backbone)
     hist.insert(2, "seed", seed)
