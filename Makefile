@@ -31,7 +31,7 @@ NB_NAMES  := $(notdir $(basename $(NOTEBOOKS)))
 
 RUN_ARGS := --profile $(PROFILE) --results $(RESULTS) $(if $(SEED),--seed $(SEED)) $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS))
 
-.PHONY: help setup constraints data reproduce test lab sync clean $(addprefix run-,$(NB_NAMES))
+.PHONY: help setup constraints data reproduce replicate test lab sync clean $(addprefix run-,$(NB_NAMES))
 
 help:  ## list targets
 	@echo "make setup       create $(VENV) with pinned dependencies and the 'mmlib' Jupyter kernel"
@@ -39,6 +39,8 @@ help:  ## list targets
 	@echo "                 NB=p2 (notebooks starting with p2)  PROFILE=smoke|quick|full  SEED=0  DEVICE=cpu|cuda"
 	@echo "                 DATA=folder (cohorts; default \$$MMLIB_DATA_DIR or data/)"
 	@echo "                 JOBS=$(JOBS) (notebooks at once)  THREADS=$(THREADS) (CPU threads each; empty = all cores)"
+	@echo "make replicate   run NB's notebooks at each of SEEDS (default 0 1 2) into $(RESULTS)/replicates/ and"
+	@echo "                 tabulate whether each claim's verdict is the same at every seed"
 	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
 	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
@@ -68,6 +70,15 @@ constraints: setup
 	   | grep -v -i '^mmlib' | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > constraints.txt.tmp
 	@mv constraints.txt.tmp constraints.txt && echo "constraints.txt: $$(grep -c '==' constraints.txt) pins"
 	@touch $(STAMP)  # the venv is what the new pins describe
+
+SEEDS ?= 0 1 2
+replicate: setup
+	@test -n "$(NB)" || { echo "ERROR: name the notebooks, e.g. make replicate NB=p5 SEEDS='0 1 2'"; exit 2; }
+	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }
+	@for nb in $(NOTEBOOKS); do \
+	  $(PY) -m mmlib replicate $$nb --seeds $(SEEDS) --profile $(PROFILE) --results $(RESULTS)/replicates \
+	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) || exit $$?; \
+	done
 
 data: setup
 	@$(PY) -m mmlib generate all --preset $(PROFILE) $(if $(SEED),--seed $(SEED)) $(if $(DATA),--data-dir $(DATA))

@@ -1,8 +1,10 @@
-"""Command line: ``python -m mmlib run|train|index|list|generate|validate|schema`` (the Makefile calls these).
+"""Command line: ``python -m mmlib run|replicate|claims|train|index|list|generate|validate|schema`` (the Makefile calls these).
 
 Examples::
 
     python -m mmlib run notebooks/00_overview.py --profile quick
+    python -m mmlib replicate notebooks/p5_umeml_histology_genomics.py --seeds 0 1 2
+    python -m mmlib claims results/replicates/seed*/p5_umeml_histology_genomics
     python -m mmlib train p2 --profile full
     torchrun --standalone --nproc_per_node=2 -m mmlib train p1 --profile full
     python -m mmlib index results
@@ -39,6 +41,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
     return 0 if final.exists() else 1
+
+
+def _print_claims(table, paths) -> None:
+    from mmlib.replicates import claims_caption
+
+    print(claims_caption(table))
+    print(table.drop(columns=["paper reported"], errors="ignore").to_string(index=False, max_colwidth=70))
+    print("written: " + ", ".join(map(str, paths)))
+
+
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    from mmlib.replicates import replicate
+    from mmlib.runner import NotebookFailed
+
+    try:
+        table = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
+                          device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout)
+    except NotebookFailed as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    _print_claims(table, table.attrs["written"])
+    return 0
+
+
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from mmlib.replicates import claims_by_seed, write_claims_table
+
+    try:
+        table = claims_by_seed(args.runs)
+        paths = write_claims_table(table, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    _print_claims(table, paths)
+    return 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -139,6 +179,27 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="papermill's per-cell progress bar (default: when stderr is a terminal)")
     run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("replicate", help="run one notebook at several seeds and tabulate its claims' verdicts")
+    rep.add_argument("notebook", help="a jupytext .py notebook that writes a claims table")
+    rep.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    rep.add_argument("--profile", default="quick", choices=("smoke", "quick", "full"))
+    rep.add_argument("--results", default="results/replicates",
+                     help="runs go to <results>/seed<k>/<notebook>/ (default: results/replicates)")
+    rep.add_argument("--threads", type=int, default=None,
+                     help="CPU threads of every run (default: every usable core; make replicate: its THREADS, 2); "
+                          "the runs of one table must agree")
+    rep.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    rep.add_argument("--data-dir", default=None)
+    rep.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    rep.add_argument("--rerun", action="store_true",
+                     help="run every seed again, even those with a finished run of this commit")
+    rep.set_defaults(func=_cmd_replicate)
+
+    cl = sub.add_parser("claims", help="tabulate the claims of finished runs of one notebook, one per seed")
+    cl.add_argument("runs", nargs="+", help="results folders (results/<notebook>), one per seed")
+    cl.add_argument("--out", default=".", help="folder for <notebook>_claims_by_seed.{csv,md} (default: .)")
+    cl.set_defaults(func=_cmd_claims)
 
     tr = sub.add_parser("train", help="a pipeline's training stages without a notebook (one process or torchrun)")
     tr.add_argument("pipeline", choices=("p1", "p2", "p3", "p4", "p5"))

@@ -1,0 +1,230 @@
+"""Do a notebook's verdicts replicate? Its claims table, side by side over seeds.
+
+Each pipeline notebook ends with a ``claims`` table: one row per claim of the paper, with the
+verdict this run reached in the column ``held`` (yes, partly, no, ...). One run is one draw: the
+seed picks the generated cohort, the initial weights and the batches. A verdict a reviewer can
+lean on is one that comes out the same on other draws, so this module runs a notebook at several
+seeds and lines the verdicts up::
+
+    python -m mmlib replicate notebooks/p5_umeml_histology_genomics.py --seeds 0 1 2
+    python -m mmlib claims results/replicates/seed*/p5_umeml_histology_genomics   # existing runs
+
+Runs are only comparable when everything but the seed is equal, so :func:`claims_by_seed`
+refuses runs of different notebooks, profiles or CPU thread counts (CPU results move with the
+thread count), and records each run's git commit in the table's caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mmlib.core import get_logger
+from mmlib.results import atomic_write_text, git_commit
+
+log = get_logger("replicates")
+
+__all__ = ["RunClaims", "claims_by_seed", "claims_caption", "read_run_claims", "replicate", "write_claims_table"]
+
+CLAIMS_TABLE = "claims"
+VERDICT_COLUMN = "held"
+
+
+@dataclass
+class RunClaims:
+    """One finished notebook run's claims and what it was run with."""
+
+    path: Path
+    notebook: str
+    profile: dict[str, Any]
+    seed: int
+    threads: int | None
+    commit: str | None
+    dirty: bool
+    claims: pd.DataFrame  # columns: claim, held (and whatever else the notebook wrote)
+
+
+def read_run_claims(run_dir: str | os.PathLike) -> RunClaims:
+    """Read ``run.json`` and ``tables/claims.csv`` of one results folder.
+
+    Raises:
+        FileNotFoundError: naming the missing ``run.json`` or ``claims.csv``.
+        ValueError: naming the file when the run did not finish, or the table lacks ``claim`` or
+            ``held``, or names a claim twice.
+    """
+    run_dir = Path(run_dir)
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path}: no run record; is {run_dir} a notebook's results folder?")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{record_path}: not valid JSON ({err})") from None
+    if record.get("status") != "complete":
+        raise ValueError(f"{record_path}: status is {record.get('status')!r}, not 'complete'; the run did not finish")
+    for key in ("notebook", "seed", "profile"):
+        if record.get(key) is None:
+            raise ValueError(f"{record_path}: records no {key!r}")
+    table_path = run_dir / "tables" / f"{CLAIMS_TABLE}.csv"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{table_path}: notebook {record['notebook']!r} wrote no claims table")
+    claims = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("claim", VERDICT_COLUMN) if c not in claims.columns]
+    if missing:
+        raise ValueError(f"{table_path}: lacks column(s) {missing}; has {list(claims.columns)}")
+    repeated = sorted(claims.loc[claims["claim"].duplicated(), "claim"])
+    if repeated:
+        raise ValueError(f"{table_path}: column 'claim' repeats {repeated}")
+    profile = record["profile"] if isinstance(record["profile"], dict) else {"name": record["profile"]}
+    git = record.get("git") or {}
+    return RunClaims(path=run_dir, notebook=str(record["notebook"]), profile=profile, seed=int(record["seed"]),
+                     threads=(record.get("execution") or {}).get("threads"), commit=git.get("commit"),
+                     dirty=bool(git.get("dirty")), claims=claims)
+
+
+def _same(runs: Sequence[RunClaims], what: str, value) -> None:
+    first = value(runs[0])
+    for r in runs[1:]:
+        if value(r) != first:
+            detail = ""
+            if what == "profile":
+                a, b = runs[0].profile, r.profile
+                fields = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                detail = f" (fields {fields})"
+            raise ValueError(f"runs differ in {what}{detail}: {runs[0].path} has {first!r}, {r.path} has "
+                             f"{value(r)!r}; only the seed may differ between replicates")
+
+
+def claims_by_seed(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """The verdict of every claim at every seed, and whether it is the same at all of them.
+
+    Args:
+        run_dirs: results folders of one notebook (``results/<notebook>``), one per seed.
+
+    Returns:
+        One row per claim, in the order of the lowest seed's table (claims that only other
+        runs have come after): ``claim``, ``paper reported`` (when the notebooks write it), ``seed <k>`` with
+        that run's verdict (``"-"`` where the run lacks the claim), ``verdicts`` (each verdict's
+        count, most frequent first) and ``same at every seed`` (``yes``/``no``). ``attrs``
+        holds ``notebook``, ``profile``, ``threads``, ``seeds`` and ``commits`` (seed to commit,
+        ``+dirty`` when the tree had changes).
+
+    Raises:
+        ValueError: for fewer than two runs, a repeated seed, or runs that differ in notebook,
+            profile or thread count (naming the folders).
+    """
+    runs = [read_run_claims(d) for d in run_dirs]
+    if len(runs) < 2:
+        raise ValueError(f"need the runs of at least two seeds, got {len(runs)}")
+    _same(runs, "notebook", lambda r: r.notebook)
+    _same(runs, "profile", lambda r: r.profile)
+    _same(runs, "threads", lambda r: r.threads)
+    seen: dict[int, Path] = {}
+    for r in runs:
+        if r.seed in seen:
+            raise ValueError(f"seed {r.seed} twice: {seen[r.seed]} and {r.path}")
+        seen[r.seed] = r.path
+    runs.sort(key=lambda r: r.seed)
+
+    order: list[str] = []
+    for r in runs:
+        order += [c for c in r.claims["claim"] if c not in order]
+    table = pd.DataFrame({"claim": order})
+    paper: dict[str, str] = {}
+    for r in runs:
+        if "paper reported" in r.claims.columns:
+            for c, p in zip(r.claims["claim"], r.claims["paper reported"], strict=True):
+                paper.setdefault(c, p)
+    if paper:
+        table["paper reported"] = [paper.get(c, "") for c in order]
+    seed_cols = []
+    for r in runs:
+        col = f"seed {r.seed}"
+        verdict = dict(zip(r.claims["claim"], r.claims[VERDICT_COLUMN], strict=True))
+        table[col] = [verdict.get(c, "-") for c in order]
+        seed_cols.append(col)
+    counts = [Counter(row) for row in table[seed_cols].itertuples(index=False)]
+    table["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+                         for c in counts]
+    table["same at every seed"] = ["yes" if len(c) == 1 and "-" not in c else "no" for c in counts]
+    table.attrs.update(notebook=runs[0].notebook, profile=runs[0].profile.get("name"), threads=runs[0].threads,
+                       seeds=[r.seed for r in runs],
+                       commits={r.seed: (r.commit or "unknown") + ("+dirty" if r.dirty else "") for r in runs})
+    return table
+
+
+def claims_caption(table: pd.DataFrame) -> str:
+    """One paragraph: notebook, profile, threads, seeds, commits, and how many verdicts are the same at every seed."""
+    a = table.attrs
+    commits = sorted(set(a["commits"].values()))
+    commit_text = (f"commit {commits[0][:12]}" if len(commits) == 1 else
+                   "commits " + ", ".join(f"seed {s}: {c[:12]}" for s, c in a["commits"].items()))
+    stable = int((table["same at every seed"] == "yes").sum())
+    return (f"{a['notebook']}, profile {a['profile']}, {a['threads'] or 'default'} thread(s), seeds "
+            f"{', '.join(map(str, a['seeds']))} ({commit_text}): the verdict of each claim at every seed. "
+            f"{stable} of {len(table)} claims reach the same verdict at every seed.")
+
+
+def write_claims_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``<notebook>_claims_by_seed.csv`` and ``.md`` under ``out_dir`` (each written whole, then renamed)."""
+    out_dir = Path(out_dir)
+    stem = f"{table.attrs['notebook']}_claims_by_seed"
+    csv = atomic_write_text(out_dir / f"{stem}.csv", table.to_csv(index=False))
+    md = atomic_write_text(out_dir / f"{stem}.md", f"{claims_caption(table)}\n\n{table.to_markdown(index=False)}\n")
+    return csv, md
+
+
+def _reusable(run_dir: Path, profile: str, threads: int | None, commit: dict[str, Any]) -> bool:
+    """A finished run of this profile, thread count and clean commit: no need to run it again."""
+    try:
+        r = read_run_claims(run_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    return (r.profile.get("name") == profile and r.threads == threads and not r.dirty and not commit.get("dirty")
+            and r.commit not in (None, "unknown") and r.commit == commit.get("commit"))
+
+
+def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: str | os.PathLike, *,
+              profile: str = "quick", threads: int | None = None, device: str | None = None,
+              data_dir: str | os.PathLike | None = None, rerun: bool = False, timeout_s: int | None = None) -> pd.DataFrame:
+    """Run ``notebook`` once per seed into ``results_dir/seed<k>/`` and tabulate its claims.
+
+    A seed whose folder already holds a finished run of the same profile and thread count, made
+    from the same clean git commit as now, is not run again (unless ``rerun``). The table is
+    written to ``results_dir/<notebook>_claims_by_seed.{csv,md}`` (their paths in ``attrs["written"]``).
+
+    Raises:
+        ValueError: for fewer than two distinct seeds or a notebook without a claims table.
+        mmlib.runner.NotebookFailed: when a run fails (the seeds run before it stay on disk).
+    """
+    from mmlib.runner import run_notebook
+
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"need at least two distinct seeds, got {seeds}")
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"{notebook}: no such notebook")
+    results_dir = Path(results_dir)
+    commit = git_commit()  # what each run records: the checkout mmlib is imported from
+    dirs = []
+    for seed in seeds:
+        root = results_dir / f"seed{seed}"
+        run_dir = root / notebook.stem
+        if not rerun and _reusable(run_dir, profile, threads, commit):
+            log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, run_dir)
+        else:
+            log.info("%s seed %d: running into %s", notebook.stem, seed, run_dir)
+            run_dir = run_notebook(notebook, root, profile=profile, seed=seed, device=device, data_dir=data_dir,
+                                   threads=threads, timeout_s=timeout_s)
+        dirs.append(run_dir)
+    table = claims_by_seed(dirs)
+    table.attrs["written"] = [str(p) for p in write_claims_table(table, results_dir)]
+    return table

@@ -1,0 +1,156 @@
+"""Claims across seeds: the side-by-side table, its refusals, the CLI and one end-to-end replicate."""
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mmlib import replicates
+from mmlib.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = {"name": "quick", "epochs": 3}
+
+
+def _run_dir(root, seed, verdicts, *, notebook="pX_demo", profile=PROFILE, threads=2, status="complete",
+             commit="a" * 40, dirty=False, columns=("claim", "paper reported", "this run", "held")):
+    d = root / f"seed{seed}" / notebook
+    (d / "tables").mkdir(parents=True)
+    record = {"notebook": notebook, "status": status, "seed": seed, "profile": profile,
+              "git": {"commit": commit, "dirty": dirty}, "execution": {"threads": threads}}
+    (d / "run.json").write_text(json.dumps(record))
+    rows = [{"claim": c, "paper reported": f"paper says {c}", "this run": f"seed {seed}", "held": v}
+            for c, v in verdicts.items()]
+    pd.DataFrame(rows, columns=list(columns)).to_csv(d / "tables" / "claims.csv", index=False)
+    return d
+
+
+def test_verdicts_line_up_by_seed_and_only_unanimous_claims_count_as_stable(tmp_path):
+    d2 = _run_dir(tmp_path, 2, {"A": "yes", "B": "no", "C": "partly", "D": "yes"})
+    d0 = _run_dir(tmp_path, 0, {"A": "yes", "B": "yes", "C": "partly"})
+    d1 = _run_dir(tmp_path, 1, {"A": "yes", "B": "yes", "C": "partly"}, commit="b" * 40, dirty=True)
+    t = replicates.claims_by_seed([d2, d0, d1])  # given out of order: columns follow the seeds
+    assert list(t.columns) == ["claim", "paper reported", "seed 0", "seed 1", "seed 2", "verdicts",
+                               "same at every seed"]
+    assert t["claim"].tolist() == ["A", "B", "C", "D"]  # seed 0's order; D (seed 2 only) last
+    rows = t.set_index("claim")
+    assert rows.loc["B", ["seed 0", "seed 1", "seed 2"]].tolist() == ["yes", "yes", "no"]
+    assert rows.loc["B", "verdicts"] == "yes 2, no 1"
+    assert rows.loc["D", "verdicts"] == "- 2, yes 1"
+    assert rows["same at every seed"].to_dict() == {"A": "yes", "B": "no", "C": "yes", "D": "no"}
+    assert rows.loc["A", "paper reported"] == "paper says A"
+    assert t.attrs["seeds"] == [0, 1, 2]
+    assert t.attrs["commits"] == {0: "a" * 40, 1: "b" * 40 + "+dirty", 2: "a" * 40}
+    caption = replicates.claims_caption(t)
+    assert "2 of 4 claims" in caption and "seed 1: bbbbbbbbbbbb" in caption and "2 thread(s)" in caption
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"notebook": "pY_other"}, "notebook"),
+    ({"profile": {"name": "quick", "epochs": 4}}, "fields ['epochs']"),
+    ({"threads": 1}, "threads"),
+])
+def test_runs_that_differ_in_more_than_the_seed_are_refused_naming_both_folders(tmp_path, change, needle):
+    a = _run_dir(tmp_path, 0, {"A": "yes"})
+    b = _run_dir(tmp_path / "other", 1, {"A": "no"}, **change)
+    with pytest.raises(ValueError, match="only the seed may differ") as info:
+        replicates.claims_by_seed([a, b])
+    assert needle in str(info.value) and str(a) in str(info.value) and str(b) in str(info.value)
+
+
+def test_bad_runs_are_named(tmp_path):
+    a = _run_dir(tmp_path, 0, {"A": "yes"})
+    with pytest.raises(ValueError, match="at least two"):
+        replicates.claims_by_seed([a])
+    twin = _run_dir(tmp_path / "twin", 0, {"A": "no"})
+    with pytest.raises(ValueError, match="seed 0 twice"):
+        replicates.claims_by_seed([a, twin])
+    running = _run_dir(tmp_path, 1, {"A": "yes"}, status="running")
+    with pytest.raises(ValueError, match=r"run\.json: status is 'running'"):
+        replicates.claims_by_seed([a, running])
+    no_held = _run_dir(tmp_path, 2, {"A": "yes"}, columns=("claim", "this run"))
+    with pytest.raises(ValueError, match=r"claims\.csv: lacks column\(s\) \['held'\]"):
+        replicates.claims_by_seed([a, no_held])
+    twice = _run_dir(tmp_path, 3, {"A": "yes"})
+    pd.DataFrame({"claim": ["A", "A"], "held": ["yes", "no"]}).to_csv(twice / "tables" / "claims.csv", index=False)
+    with pytest.raises(ValueError, match=r"repeats \['A'\]"):
+        replicates.claims_by_seed([a, twice])
+    no_table = _run_dir(tmp_path, 4, {"A": "yes"})
+    (no_table / "tables" / "claims.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=str(no_table / "tables" / "claims.csv")):
+        replicates.claims_by_seed([a, no_table])
+
+
+def test_claims_command_writes_the_table_and_fails_cleanly(tmp_path, capsys):
+    a = _run_dir(tmp_path, 0, {"A": "yes", "B": "no"})
+    b = _run_dir(tmp_path, 1, {"A": "yes", "B": "partly"})
+    out = tmp_path / "out"
+    assert main(["claims", str(a), str(b), "--out", str(out)]) == 0
+    csv = pd.read_csv(out / "pX_demo_claims_by_seed.csv", dtype=str)
+    assert csv["same at every seed"].tolist() == ["yes", "no"]
+    md = (out / "pX_demo_claims_by_seed.md").read_text()
+    assert md.startswith("pX_demo, profile quick") and "1 of 2 claims" in md
+    assert "1 of 2 claims" in capsys.readouterr().out
+    assert main(["claims", str(a), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "nowhere/run.json" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_reused_only_from_the_same_clean_commit_profile_and_threads(tmp_path):
+    clean = {"commit": "a" * 40, "dirty": False}
+    d = _run_dir(tmp_path, 0, {"A": "yes"})
+    assert replicates._reusable(d, "quick", 2, clean)
+    assert not replicates._reusable(d, "smoke", 2, clean)
+    assert not replicates._reusable(d, "quick", 1, clean)
+    assert not replicates._reusable(d, "quick", 2, {"commit": "b" * 40, "dirty": False})
+    assert not replicates._reusable(d, "quick", 2, {"commit": "a" * 40, "dirty": True})
+    dirty = _run_dir(tmp_path / "d", 0, {"A": "yes"}, dirty=True)
+    assert not replicates._reusable(dirty, "quick", 2, clean)
+    assert not replicates._reusable(tmp_path / "absent", "quick", 2, clean)
+
+
+def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdicts(tmp_path):
+    nb = tmp_path / "notebooks" / "pZ_parity.py"
+    nb.parent.mkdir()
+    nb.write_text(textwrap.dedent("""
+        # %% [markdown]
+        # Seed parity decides one verdict; the other holds at every seed.
+
+        # %% tags=["parameters"]
+        profile = "quick"
+        seed = 0
+        device = "auto"
+        data_dir = "../data"
+        out_dir = "../results/x"
+
+        # %%
+        import pandas as pd
+        from mmlib import results
+        run = results.Run(out_dir, notebook="pZ_parity", seed=seed, profile=profile)
+        claims = pd.DataFrame({"claim": ["always", "even seed"],
+                               "held": ["yes", "yes" if seed % 2 == 0 else "no"]})
+        run.table(claims, "claims")
+        run.finish()
+    """))
+    res = tmp_path / "results"
+    args = [f"NOTEBOOK_DIR={nb.parent}", f"RESULTS={res}", "PROFILE=smoke", "THREADS=1"]
+    missing = _make("replicate", *args)
+    assert missing.returncode == 2 and "name the notebooks" in missing.stdout
+    done = _make("replicate", *args, "NB=pZ", "SEEDS=3 0")
+    assert done.returncode == 0, done.stderr
+    assert "1 of 2 claims reach the same verdict at every seed" in done.stdout
+    for seed in (0, 3):
+        record = json.loads((res / "replicates" / f"seed{seed}" / "pZ_parity" / "run.json").read_text())
+        assert record["seed"] == seed and record["execution"]["threads"] == 1
+    t = pd.read_csv(res / "replicates" / "pZ_parity_claims_by_seed.csv", dtype=str).set_index("claim")
+    assert t.loc["even seed", ["seed 0", "seed 3"]].tolist() == ["yes", "no"]
+    assert t["same at every seed"].tolist() == ["yes", "no"]
+    with pytest.raises(ValueError, match="two distinct seeds"):
+        replicates.replicate(nb, [1, 1], tmp_path / "reps")
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, check=False)
