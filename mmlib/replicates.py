@@ -153,7 +153,7 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
     counts = [Counter(row) for row in table[seed_cols].itertuples(index=False)]
     table["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
                          for c in counts]
-    table["same at every seed"] = ["yes" if len(c) == 1 and "-" not in c else "no" for c in counts]
+    table["same at every seed"] = ["yes" if len(c) == 1 else "no" for c in counts]
     table.attrs.update(notebook=runs[0].notebook, profile=runs[0].profile.get("name"), threads=runs[0].threads,
                        seeds=[r.seed for r in runs],
                        commits={r.seed: (r.commit or "unknown") + ("+dirty" if r.dirty else "") for r in runs})
