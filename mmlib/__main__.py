@@ -5,6 +5,8 @@ Examples::
     python -m mmlib run notebooks/00_overview.py --profile quick
     python -m mmlib replicate notebooks/p5_umeml_histology_genomics.py --seeds 0 1 2
     python -m mmlib claims results/replicates/seed*/p5_umeml_histology_genomics
+    python -m mmlib claims results/replicates/seed*/p1_stroke_mri_clip_itm --table gradcam_by_stage \
+        --key method stage map --verdict verdict --value ratio_to_random
     python -m mmlib train p2 --profile full
     torchrun --standalone --nproc_per_node=2 -m mmlib train p1 --profile full
     python -m mmlib index results
@@ -72,7 +74,7 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     from mmlib.replicates import claims_by_seed, write_claims_table
 
     try:
-        table = claims_by_seed(args.runs)
+        table = claims_by_seed(args.runs, table=args.table, key=args.key, verdict=args.verdict, value=args.value)
         paths = write_claims_table(table, args.out)
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
@@ -198,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cl = sub.add_parser("claims", help="tabulate the claims of finished runs of one notebook, one per seed")
     cl.add_argument("runs", nargs="+", help="results folders (results/<notebook>), one per seed")
-    cl.add_argument("--out", default=".", help="folder for <notebook>_claims_by_seed.{csv,md} (default: .)")
+    cl.add_argument("--out", default=".", help="folder for <notebook>_<table>_by_seed.{csv,md} (default: .)")
+    cl.add_argument("--table", default="claims", help="another table with a verdict column (default: claims)")
+    cl.add_argument("--key", nargs="+", default=["claim"], help="column(s) naming a row (default: claim)")
+    cl.add_argument("--verdict", default="held", help="the verdict column (default: held)")
+    cl.add_argument("--value", default=None, help="a column to show beside each verdict, e.g. ratio_to_random")
     cl.set_defaults(func=_cmd_claims)
 
     tr = sub.add_parser("train", help="a pipeline's training stages without a notebook (one process or torchrun)")

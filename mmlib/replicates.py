@@ -34,6 +34,7 @@ log = get_logger("replicates")
 __all__ = ["RunClaims", "claims_by_seed", "claims_caption", "read_run_claims", "replicate", "write_claims_table"]
 
 CLAIMS_TABLE = "claims"
+CLAIM_KEY = ("claim",)
 VERDICT_COLUMN = "held"
 
 
@@ -48,16 +49,26 @@ class RunClaims:
     threads: int | None
     commit: str | None
     dirty: bool
-    claims: pd.DataFrame  # columns: claim, held (and whatever else the notebook wrote)
+    claims: pd.DataFrame  # columns: row (the key), verdict, value (when asked), paper reported (when present)
+    table: str = CLAIMS_TABLE
+    key_name: str = "claim"
 
 
-def read_run_claims(run_dir: str | os.PathLike) -> RunClaims:
-    """Read ``run.json`` and ``tables/claims.csv`` of one results folder.
+def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, key: Sequence[str] = CLAIM_KEY,
+                    verdict: str = VERDICT_COLUMN, value: str | None = None) -> RunClaims:
+    """Read ``run.json`` and one verdict table (by default ``tables/claims.csv``) of one results folder.
+
+    Args:
+        run_dir: a notebook's results folder.
+        table: the table's name (``tables/<table>.csv``).
+        key: the column(s) that name a row; several are joined with " · ".
+        verdict: the column holding the verdict.
+        value: a column shown beside each verdict, e.g. the ratio a verdict was read from.
 
     Raises:
-        FileNotFoundError: naming the missing ``run.json`` or ``claims.csv``.
-        ValueError: naming the file when the run did not finish, or the table lacks ``claim`` or
-            ``held``, or names a claim twice.
+        FileNotFoundError: naming the missing ``run.json`` or table.
+        ValueError: naming the file when the run did not finish, or the table lacks a column
+            asked for, or names a row twice.
     """
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
@@ -69,24 +80,30 @@ def read_run_claims(run_dir: str | os.PathLike) -> RunClaims:
         raise ValueError(f"{record_path}: not valid JSON ({err})") from None
     if record.get("status") != "complete":
         raise ValueError(f"{record_path}: status is {record.get('status')!r}, not 'complete'; the run did not finish")
-    for key in ("notebook", "seed", "profile"):
-        if record.get(key) is None:
-            raise ValueError(f"{record_path}: records no {key!r}")
-    table_path = run_dir / "tables" / f"{CLAIMS_TABLE}.csv"
+    for field in ("notebook", "seed", "profile"):
+        if record.get(field) is None:
+            raise ValueError(f"{record_path}: records no {field!r}")
+    key = [key] if isinstance(key, str) else list(key)
+    table_path = run_dir / "tables" / f"{table}.csv"
     if not table_path.is_file():
-        raise FileNotFoundError(f"{table_path}: notebook {record['notebook']!r} wrote no claims table")
-    claims = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("claim", VERDICT_COLUMN) if c not in claims.columns]
+        raise FileNotFoundError(f"{table_path}: notebook {record['notebook']!r} wrote no {table!r} table")
+    raw = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    missing = [c for c in (*key, verdict, *([value] if value else [])) if c not in raw.columns]
     if missing:
-        raise ValueError(f"{table_path}: lacks column(s) {missing}; has {list(claims.columns)}")
-    repeated = sorted(claims.loc[claims["claim"].duplicated(), "claim"])
+        raise ValueError(f"{table_path}: lacks column(s) {missing}; has {list(raw.columns)}")
+    claims = pd.DataFrame({"row": raw[key].agg(" · ".join, axis=1), "verdict": raw[verdict]})
+    if value:
+        claims["value"] = raw[value]
+    if "paper reported" in raw.columns:
+        claims["paper reported"] = raw["paper reported"]
+    repeated = sorted(claims.loc[claims["row"].duplicated(), "row"])
     if repeated:
-        raise ValueError(f"{table_path}: column 'claim' repeats {repeated}")
+        raise ValueError(f"{table_path}: {' · '.join(key)} repeats {repeated}")
     profile = record["profile"] if isinstance(record["profile"], dict) else {"name": record["profile"]}
     git = record.get("git") or {}
     return RunClaims(path=run_dir, notebook=str(record["notebook"]), profile=profile, seed=int(record["seed"]),
                      threads=(record.get("execution") or {}).get("threads"), commit=git.get("commit"),
-                     dirty=bool(git.get("dirty")), claims=claims)
+                     dirty=bool(git.get("dirty")), claims=claims, table=table, key_name=" · ".join(key))
 
 
 def _same(runs: Sequence[RunClaims], what: str, value) -> None:
@@ -102,25 +119,31 @@ def _same(runs: Sequence[RunClaims], what: str, value) -> None:
                              f"{value(r)!r}; only the seed may differ between replicates")
 
 
-def claims_by_seed(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
+def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS_TABLE,
+                   key: Sequence[str] = CLAIM_KEY, verdict: str = VERDICT_COLUMN,
+                   value: str | None = None) -> pd.DataFrame:
     """The verdict of every claim at every seed, and whether it is the same at all of them.
 
     Args:
         run_dirs: results folders of one notebook (``results/<notebook>``), one per seed.
+        table, key, verdict, value: which table and columns (see :func:`read_run_claims`); by
+            default the claims table and its ``held`` column. Any table with a verdict column
+            works, e.g. P1's ``gradcam_localisation_summary`` keyed by method, map and truth.
 
     Returns:
         One row per claim, in the order of the lowest seed's table (claims that only other
-        runs have come after): ``claim``, ``paper reported`` (when the notebooks write it), ``seed <k>`` with
-        that run's verdict (``"-"`` where the run lacks the claim), ``verdicts`` (each verdict's
-        count, most frequent first) and ``same at every seed`` (``yes``/``no``). ``attrs``
-        holds ``notebook``, ``profile``, ``threads``, ``seeds`` and ``commits`` (seed to commit,
-        ``+dirty`` when the tree had changes).
+        runs have come after): the key (``claim``), ``paper reported`` (when the notebooks
+        write it), ``seed <k>`` with that run's verdict (``"-"`` where the run lacks the row;
+        followed by the ``value`` in brackets when one is asked for), ``verdicts`` (each
+        verdict's count, most frequent first) and ``same at every seed`` (``yes``/``no``).
+        ``attrs`` holds ``notebook``, ``table``, ``profile``, ``threads``, ``seeds`` and
+        ``commits`` (seed to commit, ``+dirty`` when the tree had changes).
 
     Raises:
         ValueError: for fewer than two runs, a repeated seed, or runs that differ in notebook,
             profile or thread count (naming the folders).
     """
-    runs = [read_run_claims(d) for d in run_dirs]
+    runs = [read_run_claims(d, table=table, key=key, verdict=verdict, value=value) for d in run_dirs]
     if len(runs) < 2:
         raise ValueError(f"need the runs of at least two seeds, got {len(runs)}")
     _same(runs, "notebook", lambda r: r.notebook)
@@ -135,29 +158,32 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike]) -> pd.DataFrame:
 
     order: list[str] = []
     for r in runs:
-        order += [c for c in r.claims["claim"] if c not in order]
-    table = pd.DataFrame({"claim": order})
+        order += [c for c in r.claims["row"] if c not in order]
+    out = pd.DataFrame({runs[0].key_name: order})
     paper: dict[str, str] = {}
     for r in runs:
         if "paper reported" in r.claims.columns:
-            for c, p in zip(r.claims["claim"], r.claims["paper reported"], strict=True):
+            for c, p in zip(r.claims["row"], r.claims["paper reported"], strict=True):
                 paper.setdefault(c, p)
     if paper:
-        table["paper reported"] = [paper.get(c, "") for c in order]
-    seed_cols = []
+        out["paper reported"] = [paper.get(c, "") for c in order]
+    verdicts = []
     for r in runs:
-        col = f"seed {r.seed}"
-        verdict = dict(zip(r.claims["claim"], r.claims[VERDICT_COLUMN], strict=True))
-        table[col] = [verdict.get(c, "-") for c in order]
-        seed_cols.append(col)
-    counts = [Counter(row) for row in table[seed_cols].itertuples(index=False)]
-    table["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
-                         for c in counts]
-    table["same at every seed"] = ["yes" if len(c) == 1 else "no" for c in counts]
-    table.attrs.update(notebook=runs[0].notebook, profile=runs[0].profile.get("name"), threads=runs[0].threads,
-                       seeds=[r.seed for r in runs],
-                       commits={r.seed: (r.commit or "unknown") + ("+dirty" if r.dirty else "") for r in runs})
-    return table
+        found = dict(zip(r.claims["row"], r.claims["verdict"], strict=True))
+        verdicts.append([found.get(c, "-") for c in order])
+        cells = verdicts[-1]
+        if value:
+            shown = dict(zip(r.claims["row"], r.claims["value"], strict=True))
+            cells = [v if c not in shown else f"{v} ({shown[c]})" for c, v in zip(order, cells, strict=True)]
+        out[f"seed {r.seed}"] = cells
+    counts = [Counter(row) for row in zip(*verdicts, strict=True)]
+    out["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+                       for c in counts]
+    out["same at every seed"] = ["yes" if len(c) == 1 else "no" for c in counts]
+    out.attrs.update(notebook=runs[0].notebook, table=table, profile=runs[0].profile.get("name"),
+                     threads=runs[0].threads, seeds=[r.seed for r in runs],
+                     commits={r.seed: (r.commit or "unknown") + ("+dirty" if r.dirty else "") for r in runs})
+    return out
 
 
 def claims_caption(table: pd.DataFrame) -> str:
@@ -167,15 +193,16 @@ def claims_caption(table: pd.DataFrame) -> str:
     commit_text = (f"commit {commits[0][:12]}" if len(commits) == 1 else
                    "commits " + ", ".join(f"seed {s}: {c[:12]}" for s, c in a["commits"].items()))
     stable = int((table["same at every seed"] == "yes").sum())
+    what = "claims" if a["table"] == CLAIMS_TABLE else f"rows of {a['table']}"
     return (f"{a['notebook']}, profile {a['profile']}, {a['threads'] or 'default'} thread(s), seeds "
-            f"{', '.join(map(str, a['seeds']))} ({commit_text}): the verdict of each claim at every seed. "
-            f"{stable} of {len(table)} claims reach the same verdict at every seed.")
+            f"{', '.join(map(str, a['seeds']))} ({commit_text}): the verdict of each row of {a['table']} at every "
+            f"seed. {stable} of {len(table)} {what} reach the same verdict at every seed.")
 
 
 def write_claims_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<notebook>_claims_by_seed.csv`` and ``.md`` under ``out_dir`` (each written whole, then renamed)."""
+    """Write ``<notebook>_<table>_by_seed.csv`` and ``.md`` under ``out_dir`` (each written whole, then renamed)."""
     out_dir = Path(out_dir)
-    stem = f"{table.attrs['notebook']}_claims_by_seed"
+    stem = f"{table.attrs['notebook']}_{table.attrs['table']}_by_seed"
     csv = atomic_write_text(out_dir / f"{stem}.csv", table.to_csv(index=False))
     md = atomic_write_text(out_dir / f"{stem}.md", f"{claims_caption(table)}\n\n{table.to_markdown(index=False)}\n")
     return csv, md

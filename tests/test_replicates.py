@@ -98,6 +98,30 @@ def test_claims_command_writes_the_table_and_fails_cleanly(tmp_path, capsys):
     assert "nowhere/run.json" in capsys.readouterr().err
 
 
+def test_any_verdict_table_keyed_by_several_columns_with_a_value_beside_each_verdict(tmp_path, capsys):
+    dirs = []
+    for seed, (v, ratio) in enumerate([("yes", "1.75"), ("yes", "1.21"), ("no", "0.93")]):
+        d = _run_dir(tmp_path, seed, {"A": "yes"})
+        pd.DataFrame({"method": ["CLIP", "CLIP"], "map": ["Grad-CAM", "HiResCAM"], "verdict": ["no", v],
+                      "ratio_to_random": ["0.09", ratio]}).to_csv(d / "tables" / "stages.csv", index=False)
+        dirs.append(str(d))
+    t = replicates.claims_by_seed(dirs, table="stages", key=["method", "map"], verdict="verdict",
+                                  value="ratio_to_random")
+    assert list(t.columns) == ["method · map", "seed 0", "seed 1", "seed 2", "verdicts", "same at every seed"]
+    rows = t.set_index("method · map")
+    assert rows.loc["CLIP · HiResCAM", ["seed 0", "seed 1", "seed 2"]].tolist() == ["yes (1.75)", "yes (1.21)",
+                                                                                   "no (0.93)"]
+    assert rows["verdicts"].tolist() == ["no 3", "yes 2, no 1"]  # the values do not split a verdict
+    assert rows["same at every seed"].tolist() == ["yes", "no"]
+    assert "1 of 2 rows of stages" in replicates.claims_caption(t)
+    out = tmp_path / "out"
+    assert main(["claims", *dirs, "--out", str(out), "--table", "stages", "--key", "method", "map",
+                 "--verdict", "verdict", "--value", "ratio_to_random"]) == 0
+    assert (out / "pX_demo_stages_by_seed.md").is_file()
+    assert main(["claims", *dirs, "--table", "stages", "--key", "method", "--verdict", "verdict"]) == 2
+    assert "method repeats ['CLIP']" in capsys.readouterr().err
+
+
 def test_a_finished_run_is_reused_only_from_the_same_clean_commit_profile_and_threads(tmp_path):
     clean = {"commit": "a" * 40, "dirty": False}
     d = _run_dir(tmp_path, 0, {"A": "yes"})
