@@ -78,7 +78,8 @@ replicate: setup
 	@for nb in $(NOTEBOOKS); do \
 	  $(PY) -m mmlib replicate $$nb --seeds $(SEEDS) --profile $(PROFILE) --results $(RESULTS)/replicates \
 	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) || exit $$?; \
-	done
+	done; \
+	$(PY) -m mmlib index $(RESULTS)
 
 data: setup
 	@$(PY) -m mmlib generate all --preset $(PROFILE) $(if $(SEED),--seed $(SEED)) $(if $(DATA),--data-dir $(DATA))

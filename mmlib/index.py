@@ -12,6 +12,7 @@ import csv
 import html
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,20 +82,20 @@ def _held_class(text: str) -> str:
     return {"yes": "held-yes", "no": "held-no", "partly": "held-partly"}.get(word, "")
 
 
-def _csv_table(path: Path, max_rows: int = MAX_ROWS) -> str:
+def _csv_table(path: Path, max_rows: int = MAX_ROWS, verdict_columns: Sequence[str] = ("held on this data",)) -> str:
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if not rows:
         return "<p class='note'>(empty table)</p>"
     header, body = rows[0], rows[1:]
-    held_col = header.index("held on this data") if "held on this data" in header else -1
+    held_cols = {j for j, h in enumerate(header) if h in verdict_columns}
     out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in header), "</tr></thead><tbody>"]
     for row in body[:max_rows]:
         out.append("<tr>")
         for j, cell in enumerate(row):
             cls = "num" if _is_number(cell) else ""
             shown = _display_number(cell) if cls else cell
-            if j == held_col:
+            if j in held_cols:
                 cls = _held_class(cell)
             out.append(f"<td class='{cls}'>{_e(shown)}</td>" if cls else f"<td>{_e(shown)}</td>")
         out.append("</tr>")
@@ -226,6 +227,28 @@ def _section(entry: dict[str, Any], root: Path) -> str:
     return "\n".join(parts)
 
 
+def _replicates_section(root: Path) -> str:
+    """The tables ``make replicate`` wrote under ``root/replicates``: each verdict at every seed."""
+    tables = sorted((root / "replicates").glob("*_by_seed.csv"))
+    if not tables:
+        return ""
+    intro = ("<section id='replicates'><h2>Do the verdicts replicate?</h2>"
+             "<p>Each notebook run at several seeds (<code>make replicate</code>): a new cohort draw, new initial "
+             "weights and new batches each time. A verdict is only as firm as its agreement across seeds.</p>")
+    out = [intro]
+    for path in tables:
+        md = path.with_suffix(".md")
+        caption = md.read_text(encoding="utf-8").split("\n\n", 1)[0] if md.exists() else path.stem
+        with path.open(newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+        verdicts = [h for h in header if h.startswith("seed ") or h == "same at every seed"]
+        rel = path.relative_to(root).as_posix()
+        out.append(f"<h3>{_e(path.stem)}</h3><p class='caption'>{_e(caption)} "
+                   f"<a href='{_e(rel)}'>csv</a></p>{_csv_table(path, verdict_columns=verdicts)}")
+    out.append("</section>")
+    return "".join(out)
+
+
 def build_index(results_dir: str | Path) -> Path:
     """Write ``results_dir/index.html`` from the runs found there; returns its path."""
     root = Path(results_dir)
@@ -268,6 +291,7 @@ notebook run it belongs to, on generated cohorts with planted ground truth unles
 <main><h2 style="border-top:none">Notebooks</h2>
 {''.join(summary)}
 {body}
+{_replicates_section(root)}
 </main></body></html>
 """
     return atomic_write_text(root / "index.html", page)

@@ -88,3 +88,20 @@ def test_index_reports_failed_notebooks(tmp_path):
 def test_index_of_empty_results_says_what_to_do(tmp_path):
     page = index.build_index(tmp_path / "results").read_text()
     assert "make reproduce" in page
+
+
+def test_index_shows_the_replicate_tables_with_each_verdict_coloured(tmp_path):
+    from mmlib import replicates
+
+    for seed, held in ((0, "yes"), (1, "no")):
+        run = results.Run(tmp_path / f"seed{seed}" / "p9_demo", notebook="p9_demo", seed=seed, profile="quick")
+        run.table(pd.DataFrame({"claim": ["fusion helps"], "held": [held]}), "claims")
+        run.finish()
+    table = replicates.claims_by_seed([tmp_path / "seed0" / "p9_demo", tmp_path / "seed1" / "p9_demo"])
+    replicates.write_claims_table(table, tmp_path / "replicates")
+    page = index.build_index(tmp_path).read_text()
+    assert "Do the verdicts replicate?" in page and "0 of 1 claims reach the same verdict" in page
+    row = re.search(r"<td>fusion helps</td>(.*?)</tr>", page).group(1)
+    assert re.findall(r"class='(held-\w+)'", row) == ["held-yes", "held-no", "held-no"]
+    assert "replicates/p9_demo_claims_by_seed.csv" in _links(page)
+    assert "Do the verdicts replicate?" not in index.build_index(tmp_path / "seed0").read_text()
