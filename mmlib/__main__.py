@@ -21,6 +21,14 @@ import argparse
 import sys
 
 
+def _fail(err: Exception) -> int:
+    """Print the error; exit status 1 for a notebook that failed, 2 for bad input."""
+    from mmlib.runner import NotebookFailed
+
+    print(f"ERROR: {err}", file=sys.stderr)
+    return 1 if isinstance(err, NotebookFailed) else 2
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from mmlib.runner import NotebookFailed, run_notebook
 
@@ -36,12 +44,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             threads=args.threads,
         )
-    except NotebookFailed as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
+    except (NotebookFailed, FileNotFoundError, ValueError) as err:
+        return _fail(err)
     return 0 if final.exists() else 1
 
 
@@ -60,12 +64,8 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     try:
         table = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
                           device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout)
-    except NotebookFailed as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
-        return 2
+    except (NotebookFailed, FileNotFoundError, ValueError) as err:
+        return _fail(err)
     _print_claims(table, table.attrs["written"])
     return 0
 
