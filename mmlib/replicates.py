@@ -62,7 +62,8 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
         run_dir: a notebook's results folder.
         table: the table's name (``tables/<table>.csv``).
         key: the column(s) that name a row; several are joined with " · ".
-        verdict: the column holding the verdict.
+        verdict: the column holding the verdict; only the text before a colon counts ("partly:
+            ahead, but the CI reaches 0" is "partly").
         value: a column shown beside each verdict, e.g. the ratio a verdict was read from.
 
     Raises:
@@ -91,7 +92,9 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
     missing = [c for c in (*key, verdict, *([value] if value else [])) if c not in raw.columns]
     if missing:
         raise ValueError(f"{table_path}: lacks column(s) {missing}; has {list(raw.columns)}")
-    claims = pd.DataFrame({"row": raw[key].agg(" · ".join, axis=1), "verdict": raw[verdict]})
+    # "partly: ahead, but the 95% CI reaches 0" is the verdict "partly" and this run's reason for it
+    words = raw[verdict].str.split(":", n=1).str[0].str.strip()
+    claims = pd.DataFrame({"row": raw[key].agg(" · ".join, axis=1), "verdict": words})
     if value:
         claims["value"] = raw[value]
     if "paper reported" in raw.columns:

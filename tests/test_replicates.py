@@ -29,8 +29,8 @@ def _run_dir(root, seed, verdicts, *, notebook="pX_demo", profile=PROFILE, threa
 
 
 def test_verdicts_line_up_by_seed_and_only_unanimous_claims_count_as_stable(tmp_path):
-    d2 = _run_dir(tmp_path, 2, {"A": "yes", "B": "no", "C": "partly", "D": "yes"})
-    d0 = _run_dir(tmp_path, 0, {"A": "yes", "B": "yes", "C": "partly"})
+    d2 = _run_dir(tmp_path, 2, {"A": "yes", "B": "no", "C": "partly: ahead, but the CI reaches 0", "D": "yes"})
+    d0 = _run_dir(tmp_path, 0, {"A": "yes", "B": "yes", "C": "partly: on 3 of 5 metrics"})
     d1 = _run_dir(tmp_path, 1, {"A": "yes", "B": "yes", "C": "partly"}, commit="b" * 40, dirty=True)
     t = replicates.claims_by_seed([d2, d0, d1])  # given out of order: columns follow the seeds
     assert list(t.columns) == ["claim", "paper reported", "seed 0", "seed 1", "seed 2", "verdicts",
@@ -40,6 +40,7 @@ def test_verdicts_line_up_by_seed_and_only_unanimous_claims_count_as_stable(tmp_
     assert rows.loc["B", ["seed 0", "seed 1", "seed 2"]].tolist() == ["yes", "yes", "no"]
     assert rows.loc["B", "verdicts"] == "yes 2, no 1"
     assert rows.loc["D", "verdicts"] == "- 2, yes 1"
+    assert rows.loc["C", ["seed 0", "seed 2"]].tolist() == ["partly", "partly"]  # the verdict, not its reason
     assert rows["same at every seed"].to_dict() == {"A": "yes", "B": "no", "C": "yes", "D": "no"}
     assert rows.loc["A", "paper reported"] == "paper says A"
     assert t.attrs["seeds"] == [0, 1, 2]
