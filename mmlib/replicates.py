@@ -64,7 +64,8 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
         key: the column(s) that name a row; several are joined with " · ".
         verdict: the column holding the verdict; only the text before a colon counts ("partly:
             ahead, but the CI reaches 0" is "partly").
-        value: a column shown beside each verdict, e.g. the ratio a verdict was read from.
+        value: a column shown beside each verdict (numbers to three significant digits), e.g. the
+            ratio a verdict was read from.
 
     Raises:
         FileNotFoundError: naming the missing ``run.json`` or table.
@@ -122,6 +123,14 @@ def _same(runs: Sequence[RunClaims], what: str, value) -> None:
                              f"{value(r)!r}; only the seed may differ between replicates")
 
 
+def _short(text: str) -> str:
+    """Three significant digits for a number shown beside a verdict; other text as it is."""
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
 def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS_TABLE,
                    key: Sequence[str] = CLAIM_KEY, verdict: str = VERDICT_COLUMN,
                    value: str | None = None) -> pd.DataFrame:
@@ -177,7 +186,7 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS
         cells = verdicts[-1]
         if value:
             shown = dict(zip(r.claims["row"], r.claims["value"], strict=True))
-            cells = [v if c not in shown else f"{v} ({shown[c]})" for c, v in zip(order, cells, strict=True)]
+            cells = [v if c not in shown else f"{v} ({_short(shown[c])})" for c, v in zip(order, cells, strict=True)]
         out[f"seed {r.seed}"] = cells
     counts = [Counter(row) for row in zip(*verdicts, strict=True)]
     out["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
