@@ -54,7 +54,7 @@ def _print_claims(table, paths) -> None:
 
     print(claims_caption(table))
     print(table.drop(columns=["paper reported"], errors="ignore").to_string(index=False, max_colwidth=70))
-    print("written: " + ", ".join(map(str, paths)))
+    print("written: " + ", ".join(map(str, paths)) + "\n")
 
 
 def _cmd_replicate(args: argparse.Namespace) -> int:
@@ -62,11 +62,12 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     from mmlib.runner import NotebookFailed
 
     try:
-        table = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
-                          device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout)
+        tables = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
+                           device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout)
     except (NotebookFailed, FileNotFoundError, ValueError) as err:
         return _fail(err)
-    _print_claims(table, table.attrs["written"])
+    for table in tables.values():
+        _print_claims(table, table.attrs["written"])
     return 0
 
 

@@ -31,11 +31,49 @@ from mmlib.results import atomic_write_text, git_commit
 
 log = get_logger("replicates")
 
-__all__ = ["RunClaims", "claims_by_seed", "claims_caption", "read_run_claims", "replicate", "write_claims_table"]
+__all__ = ["CLAIMS", "RunClaims", "VerdictTable", "claims_by_seed", "claims_caption", "read_run_claims", "replicate",
+           "verdict_tables", "write_claims_table"]
 
 CLAIMS_TABLE = "claims"
 CLAIM_KEY = ("claim",)
 VERDICT_COLUMN = "held"
+
+
+@dataclass(frozen=True)
+class VerdictTable:
+    """A results table with one verdict per row, to line up across seeds.
+
+    Attributes:
+        table: its name (``tables/<table>.csv``).
+        key: the column(s) that name a row.
+        verdict: the verdict column.
+        value: a column shown beside each verdict (the number the verdict was read from).
+    """
+
+    table: str
+    key: tuple[str, ...]
+    verdict: str
+    value: str | None = None
+
+
+#: Every pipeline notebook's claims table.
+CLAIMS = VerdictTable(CLAIMS_TABLE, CLAIM_KEY, VERDICT_COLUMN)
+
+
+def verdict_tables(notebook: str) -> list[VerdictTable]:
+    """:data:`CLAIMS`, then the tables the notebook's pipeline module lists in ``VERDICT_TABLES``.
+
+    The module is ``mmlib.pipelines.<prefix>`` for a notebook named ``<prefix>_...`` (``p1`` for
+    ``p1_stroke_mri_clip_itm``); a notebook without one has only its claims.
+    """
+    import importlib
+
+    prefix = Path(notebook).stem.split("_", 1)[0]
+    try:
+        module = importlib.import_module(f"mmlib.pipelines.{prefix}")
+    except ModuleNotFoundError:
+        return [CLAIMS]
+    return [CLAIMS, *getattr(module, "VERDICT_TABLES", ())]
 
 
 @dataclass
@@ -55,7 +93,7 @@ class RunClaims:
 
 
 def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, key: Sequence[str] = CLAIM_KEY,
-                    verdict: str = VERDICT_COLUMN, value: str | None = None) -> RunClaims:
+                    verdict: str = VERDICT_COLUMN, value: str | None = None, missing_ok: bool = False) -> RunClaims:
     """Read ``run.json`` and one verdict table (by default ``tables/claims.csv``) of one results folder.
 
     Args:
@@ -66,6 +104,9 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
             ahead, but the CI reaches 0" is "partly").
         value: a column shown beside each verdict (numbers to three significant digits), e.g. the
             ratio a verdict was read from.
+        missing_ok: a run without the table, or whose table lacks the columns (P1 writes a note
+            instead of its Grad-CAM summary when a model found no true-positive case), has no
+            rows instead of raising.
 
     Raises:
         FileNotFoundError: naming the missing ``run.json`` or table.
@@ -87,15 +128,22 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
             raise ValueError(f"{record_path}: records no {field!r}")
     key = [key] if isinstance(key, str) else list(key)
     table_path = run_dir / "tables" / f"{table}.csv"
-    if not table_path.is_file():
+    columns = [*key, verdict, *([value] if value else [])]
+    if table_path.is_file():
+        raw = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    elif missing_ok:
+        raw = pd.DataFrame(columns=columns, dtype=str)
+    else:
         raise FileNotFoundError(f"{table_path}: notebook {record['notebook']!r} wrote no {table!r} table")
-    raw = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-    missing = [c for c in (*key, verdict, *([value] if value else [])) if c not in raw.columns]
-    if missing:
+    missing = [c for c in columns if c not in raw.columns]
+    if missing and missing_ok:
+        raw = pd.DataFrame(columns=columns, dtype=str)
+    elif missing:
         raise ValueError(f"{table_path}: lacks column(s) {missing}; has {list(raw.columns)}")
     # "partly: ahead, but the 95% CI reaches 0" is the verdict "partly" and this run's reason for it
     words = raw[verdict].str.split(":", n=1).str[0].str.strip()
-    claims = pd.DataFrame({"row": raw[key].agg(" · ".join, axis=1), "verdict": words})
+    rows = raw[key].agg(" · ".join, axis=1) if len(raw) else pd.Series([], dtype=str)
+    claims = pd.DataFrame({"row": rows, "verdict": words})
     if value:
         claims["value"] = raw[value]
     if "paper reported" in raw.columns:
@@ -133,12 +181,13 @@ def _short(text: str) -> str:
 
 def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS_TABLE,
                    key: Sequence[str] = CLAIM_KEY, verdict: str = VERDICT_COLUMN,
-                   value: str | None = None) -> pd.DataFrame:
+                   value: str | None = None, missing_ok: bool = False) -> pd.DataFrame:
     """The verdict of every claim at every seed, and whether it is the same at all of them.
 
     Args:
         run_dirs: results folders of one notebook (``results/<notebook>``), one per seed.
-        table, key, verdict, value: which table and columns (see :func:`read_run_claims`); by
+        table, key, verdict, value, missing_ok: which table and columns, and whether a run may
+            lack them (see :func:`read_run_claims`); by
             default the claims table and its ``held`` column. Any table with a verdict column
             works, e.g. P1's ``gradcam_localisation_summary`` keyed by method, map and truth.
 
@@ -155,7 +204,8 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS
         ValueError: for fewer than two runs, a repeated seed, or runs that differ in notebook,
             profile or thread count (naming the folders).
     """
-    runs = [read_run_claims(d, table=table, key=key, verdict=verdict, value=value) for d in run_dirs]
+    runs = [read_run_claims(d, table=table, key=key, verdict=verdict, value=value, missing_ok=missing_ok)
+            for d in run_dirs]
     if len(runs) < 2:
         raise ValueError(f"need the runs of at least two seeds, got {len(runs)}")
     _same(runs, "notebook", lambda r: r.notebook)
@@ -232,12 +282,17 @@ def _reusable(run_dir: Path, profile: str, threads: int | None, commit: dict[str
 
 def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: str | os.PathLike, *,
               profile: str = "quick", threads: int | None = None, device: str | None = None,
-              data_dir: str | os.PathLike | None = None, rerun: bool = False, timeout_s: int | None = None) -> pd.DataFrame:
-    """Run ``notebook`` once per seed into ``results_dir/seed<k>/`` and tabulate its claims.
+              data_dir: str | os.PathLike | None = None, rerun: bool = False,
+              timeout_s: int | None = None) -> dict[str, pd.DataFrame]:
+    """Run ``notebook`` once per seed into ``results_dir/seed<k>/`` and tabulate its verdicts.
 
     A seed whose folder already holds a finished run of the same profile and thread count, made
-    from the same clean git commit as now, is not run again (unless ``rerun``). The table is
-    written to ``results_dir/<notebook>_claims_by_seed.{csv,md}`` (their paths in ``attrs["written"]``).
+    from the same clean git commit as now, is not run again (unless ``rerun``). Each table of
+    :func:`verdict_tables` is written to ``results_dir/<notebook>_<table>_by_seed.{csv,md}``
+    (their paths in the returned table's ``attrs["written"]``); a table no run wrote is skipped.
+
+    Returns:
+        The tables by name, the claims first.
 
     Raises:
         ValueError: for fewer than two distinct seeds or a notebook without a claims table.
@@ -264,6 +319,14 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
             run_dir = run_notebook(notebook, root, profile=profile, seed=seed, device=device, data_dir=data_dir,
                                    threads=threads, timeout_s=timeout_s)
         dirs.append(run_dir)
-    table = claims_by_seed(dirs)
-    table.attrs["written"] = [str(p) for p in write_claims_table(table, results_dir)]
-    return table
+    out = {}
+    for vt in verdict_tables(notebook.stem):
+        optional = vt != CLAIMS
+        table = claims_by_seed(dirs, table=vt.table, key=vt.key, verdict=vt.verdict, value=vt.value,
+                               missing_ok=optional)
+        if optional and table.empty:
+            log.warning("%s: no run wrote the table %r with columns %s", notebook.stem, vt.table, vt.key)
+            continue
+        table.attrs["written"] = [str(p) for p in write_claims_table(table, results_dir)]
+        out[vt.table] = table
+    return out

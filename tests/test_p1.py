@@ -220,6 +220,8 @@ def test_localisation_summary_needs_both_the_shuffled_map_and_the_untrained_netw
     assert s.loc["Guided Grad-CAM", "untrained_ratio"] == pytest.approx(4.125)
     text = p1.localisation_verdict(s.reset_index())
     assert "are gradient saliency." in text and "Guided Grad-CAM: 4.00x" in text
+    vt = next(v for v in p1.VERDICT_TABLES if v.table == "gradcam_localisation_summary")  # make replicate reads these
+    assert {*vt.key, vt.verdict, vt.value} <= set(s.reset_index().columns)
 
 
 def test_localisation_summary_counts_an_empty_map_as_no_mass():
@@ -307,6 +309,10 @@ def test_gradcam_by_stage_scores_both_signs_at_every_stage():
             amap = np.maximum(p1.upsample_layer_map(ref, b["image"].shape[2:]), 0.0)
             mass.append(p1.localisation_scores(amap, data.truth[r].numpy(), n_random=2)["mass_inside"])
         assert pos.loc[(st, "HiResCAM"), "mass_in_lesions"] == pytest.approx(np.nanmean(mass), rel=1e-4)
+
+    vt = next(v for v in p1.VERDICT_TABLES if v.table == "gradcam_by_stage")  # make replicate reads these
+    assert {*vt.key, vt.verdict, vt.value} <= set(table.columns)
+    assert not table.duplicated(list(vt.key)).any()
 
     empty = p1.GradCamStudy(None, None, None, None, "", cases={method: []})
     assert "note" in p1.gradcam_by_stage(types.SimpleNamespace(models={method: model}), data, prof, empty, **kw)

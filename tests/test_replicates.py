@@ -123,6 +123,24 @@ def test_any_verdict_table_keyed_by_several_columns_with_a_value_beside_each_ver
     assert "method repeats ['CLIP']" in capsys.readouterr().err
 
 
+def test_a_pipeline_declares_its_other_verdict_tables_and_a_run_may_lack_them(tmp_path):
+    from mmlib.pipelines import p1
+
+    assert replicates.verdict_tables("p1_stroke_mri_clip_itm") == [replicates.CLAIMS, *p1.VERDICT_TABLES]
+    assert replicates.verdict_tables("pZ_parity") == [replicates.CLAIMS]
+    assert replicates.verdict_tables("00_overview") == [replicates.CLAIMS]
+    a = _run_dir(tmp_path, 0, {"A": "yes"})
+    pd.DataFrame({"map": ["Grad-CAM"], "verdict": ["no"]}).to_csv(a / "tables" / "maps.csv", index=False)
+    b = _run_dir(tmp_path, 1, {"A": "yes"})  # no maps table at all
+    c = _run_dir(tmp_path, 2, {"A": "yes"})
+    pd.DataFrame({"note": ["no true-positive case"]}).to_csv(c / "tables" / "maps.csv", index=False)
+    with pytest.raises(FileNotFoundError, match="wrote no 'maps' table"):
+        replicates.claims_by_seed([a, b], table="maps", key=["map"], verdict="verdict")
+    t = replicates.claims_by_seed([a, b, c], table="maps", key=["map"], verdict="verdict", missing_ok=True)
+    assert t.iloc[0][["seed 0", "seed 1", "seed 2"]].tolist() == ["no", "-", "-"]
+    assert replicates.claims_by_seed([b, c], table="maps", key=["map"], verdict="verdict", missing_ok=True).empty
+
+
 def test_a_finished_run_is_reused_only_from_the_same_clean_commit_profile_and_threads(tmp_path):
     clean = {"commit": "a" * 40, "dirty": False}
     d = _run_dir(tmp_path, 0, {"A": "yes"})

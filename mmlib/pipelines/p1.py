@@ -46,15 +46,16 @@ from mmlib.explain import (
 )
 from mmlib.losses import ClipLoss, ImageTabularMatchingLoss
 from mmlib.models import EnsembleClassifier, ImageTabularCLIP
+from mmlib.replicates import VerdictTable
 from mmlib.train import fit, load_checkpoint
 
 __all__ = [
     "ABLATION", "ALL_METHODS", "ATTRIBUTION_MAPS", "METHODS", "OBJECTIVES", "PAPER_RELATIVE_GAINS", "PROFILES",
-    "FineTuned", "GradCamStudy", "P1Classifier", "P1Data", "P1Profile", "Pretrained", "Pretrainer", "build_clip",
-    "claims_table", "cohort_table", "comparison_table", "embeddings", "encode_table", "evaluate", "finetune",
-    "finetune_all", "gradcam_by_stage", "gradcam_study", "itm_check", "load_data", "localisation_summary",
-    "localisation_verdict", "paper_vs_run", "predict", "pretrain", "pretrain_all", "relative_gains",
-    "retrieval_table", "stage_verdict", "umap_figure", "untrained_classifier",
+    "VERDICT_TABLES", "FineTuned", "GradCamStudy", "P1Classifier", "P1Data", "P1Profile", "Pretrained", "Pretrainer",
+    "build_clip", "claims_table", "cohort_table", "comparison_table", "embeddings", "encode_table", "evaluate",
+    "finetune", "finetune_all", "gradcam_by_stage", "gradcam_study", "itm_check", "load_data", "localisation_summary",
+    "localisation_verdict", "paper_vs_run", "predict", "pretrain", "pretrain_all", "relative_gains", "retrieval_table",
+    "stage_verdict", "umap_figure", "untrained_classifier",
 ]
 
 log = core.get_logger(__name__)
@@ -830,6 +831,13 @@ def gradcam_study(ft: FineTuned, data: P1Data, prof: P1Profile, *, device: torch
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_MAPS = ("Grad-CAM", "Grad-CAM, negative part", "HiResCAM")
+
+#: The tables besides ``claims`` whose verdicts ``make replicate`` lines up across seeds
+#: (:mod:`mmlib.replicates`): does each map localise the planted lesions, seed after seed?
+VERDICT_TABLES = (
+    VerdictTable("gradcam_localisation_summary", ("method", "map", "truth"), "verdict", "ratio_to_random"),
+    VerdictTable("gradcam_by_stage", ("method", "stage", "map"), "verdict", "ratio_to_random"),
+)
 
 
 def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCamStudy, *, device: torch.device,
