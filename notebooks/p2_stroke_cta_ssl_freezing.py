@@ -236,6 +236,8 @@ if truth_vs_run is not None:
 # Where a claim compares two AUCs it held ("yes") only when the paired bootstrap 95% interval
 # of the difference clears 0; "partly" means only the point estimate is ahead, which a test set
 # this small cannot tell from noise.
+# One run is one draw of the cohort, the weights and the batches: `make replicate NB=p2` runs this
+# notebook at seeds 0, 1 and 2 and shows which of these verdicts come out the same each time.
 
 # %%
 claims = p2.claims_table(ft.summary, pre.history, ft.auc_differences(data, prof))

@@ -258,6 +258,8 @@ nearest
 # "Held" for an ablation needs the paired 95% CI of section 5 to clear 0 ("partly" when only
 # some comparisons do); LoRA "keeps quality" when the CI of LoRA minus full fine-tuning ends
 # above -0.02 (a non-inferiority margin).
+# One run is one draw of the cohort, the weights and the batches: `make replicate NB=p3` runs this
+# notebook at seeds 0, 1 and 2 and shows which of these verdicts come out the same each time.
 
 # %%
 run.table(p3.PAPER_REPORTED, "paper_reported", caption="What the paper reports (MIMIC-CXR, CheXpert, PTB-XL)")

@@ -254,6 +254,8 @@ breast.summary
 
 # %% [markdown]
 # ## 7 · The paper's claims on this data
+# One run is one draw of the cohort, the weights and the batches: `make replicate NB=p4` runs this
+# notebook at seeds 0, 1 and 2 and shows which of these verdicts come out the same each time.
 
 # %%
 claims = p4.claims_table(table, sweep, image_share=data.truth.get("causal_model", {}).get("image_share"))

@@ -213,6 +213,8 @@ if att is not None:
 # ## 6 · Which of the paper's claims held here
 # "Held" needs UMEML ahead by more than two standard errors of the per-fold difference on
 # every model × metric pair; "partly" means ahead on most pairs or clearly on some.
+# One run is one draw of the cohort, the weights and the batches: `make replicate NB=p5` runs this
+# notebook at seeds 0, 1 and 2 and shows which of these verdicts come out the same each time.
 
 # %%
 claims = p5.claims_table(per_fold, diffs, recovery, att)
