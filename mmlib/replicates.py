@@ -37,6 +37,8 @@ __all__ = ["CLAIMS", "RunClaims", "VerdictTable", "claims_by_seed", "claims_capt
 CLAIMS_TABLE = "claims"
 CLAIM_KEY = ("claim",)
 VERDICT_COLUMN = "held"
+#: Verdicts that test nothing: a claim with only these at every seed is left out of the caption's count.
+UNTESTED = frozenset({"not tested", "not comparable", "n/a", "-"})
 
 
 @dataclass(frozen=True)
@@ -254,11 +256,14 @@ def claims_caption(table: pd.DataFrame) -> str:
     commits = sorted(set(a["commits"].values()))
     commit_text = (f"commit {commits[0][:12]}" if len(commits) == 1 else
                    "commits " + ", ".join(f"seed {s}: {c[:12]}" for s, c in a["commits"].items()))
-    stable = int((table["same at every seed"] == "yes").sum())
+    seeds = [f"seed {s}" for s in a["seeds"]]
+    tested = ~table[seeds].isin(UNTESTED).all(axis=1) if len(table) else pd.Series([], dtype=bool)
+    stable = int(((table["same at every seed"] == "yes") & tested).sum())
     what = "claims" if a["table"] == CLAIMS_TABLE else f"rows of {a['table']}"
+    untested = f" ({len(table) - int(tested.sum())} not tested at any seed)" if not tested.all() else ""
     return (f"{a['notebook']}, profile {a['profile']}, {a['threads'] or 'default'} thread(s), seeds "
             f"{', '.join(map(str, a['seeds']))} ({commit_text}): the verdict of each row of {a['table']} at every "
-            f"seed. {stable} of {len(table)} {what} reach the same verdict at every seed.")
+            f"seed. {stable} of {int(tested.sum())} tested {what} reach the same verdict at every seed{untested}.")
 
 
 def write_claims_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:

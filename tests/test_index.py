@@ -100,7 +100,7 @@ def test_index_shows_the_replicate_tables_with_each_verdict_coloured(tmp_path):
     table = replicates.claims_by_seed([tmp_path / "seed0" / "p9_demo", tmp_path / "seed1" / "p9_demo"])
     replicates.write_claims_table(table, tmp_path / "replicates")
     page = index.build_index(tmp_path).read_text()
-    assert "Do the verdicts replicate?" in page and "0 of 1 claims reach the same verdict" in page
+    assert "Do the verdicts replicate?" in page and "0 of 1 tested claims reach the same verdict" in page
     row = re.search(r"<td>fusion helps</td>(.*?)</tr>", page).group(1)
     assert re.findall(r"class='(held-\w+)'", row) == ["held-yes", "held-no", "held-no"]
     assert "replicates/p9_demo_claims_by_seed.csv" in _links(page)

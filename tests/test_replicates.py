@@ -29,24 +29,26 @@ def _run_dir(root, seed, verdicts, *, notebook="pX_demo", profile=PROFILE, threa
 
 
 def test_verdicts_line_up_by_seed_and_only_unanimous_claims_count_as_stable(tmp_path):
-    d2 = _run_dir(tmp_path, 2, {"A": "yes", "B": "no", "C": "partly: ahead, but the CI reaches 0", "D": "yes"})
-    d0 = _run_dir(tmp_path, 0, {"A": "yes", "B": "yes", "C": "partly: on 3 of 5 metrics"})
-    d1 = _run_dir(tmp_path, 1, {"A": "yes", "B": "yes", "C": "partly"}, commit="b" * 40, dirty=True)
+    d2 = _run_dir(tmp_path, 2, {"A": "yes", "B": "no", "C": "partly: ahead, but the CI reaches 0", "D": "yes",
+                                "E": "not tested"})
+    d0 = _run_dir(tmp_path, 0, {"A": "yes", "B": "yes", "C": "partly: on 3 of 5 metrics", "E": "not tested"})
+    d1 = _run_dir(tmp_path, 1, {"A": "yes", "B": "yes", "C": "partly", "E": "not tested"}, commit="b" * 40,
+                  dirty=True)
     t = replicates.claims_by_seed([d2, d0, d1])  # given out of order: columns follow the seeds
     assert list(t.columns) == ["claim", "paper reported", "seed 0", "seed 1", "seed 2", "verdicts",
                                "same at every seed"]
-    assert t["claim"].tolist() == ["A", "B", "C", "D"]  # seed 0's order; D (seed 2 only) last
+    assert t["claim"].tolist() == ["A", "B", "C", "E", "D"]  # seed 0's order; D (seed 2 only) last
     rows = t.set_index("claim")
     assert rows.loc["B", ["seed 0", "seed 1", "seed 2"]].tolist() == ["yes", "yes", "no"]
     assert rows.loc["B", "verdicts"] == "yes 2, no 1"
     assert rows.loc["D", "verdicts"] == "- 2, yes 1"
     assert rows.loc["C", ["seed 0", "seed 2"]].tolist() == ["partly", "partly"]  # the verdict, not its reason
-    assert rows["same at every seed"].to_dict() == {"A": "yes", "B": "no", "C": "yes", "D": "no"}
+    assert rows["same at every seed"].to_dict() == {"A": "yes", "B": "no", "C": "yes", "E": "yes", "D": "no"}
     assert rows.loc["A", "paper reported"] == "paper says A"
     assert t.attrs["seeds"] == [0, 1, 2]
     assert t.attrs["commits"] == {0: "a" * 40, 1: "b" * 40 + "+dirty", 2: "a" * 40}
     caption = replicates.claims_caption(t)
-    assert "2 of 4 claims" in caption and "seed 1: bbbbbbbbbbbb" in caption and "2 thread(s)" in caption
+    assert "2 of 4 tested claims reach the same verdict at every seed (1 not tested at any seed)" in caption and "seed 1: bbbbbbbbbbbb" in caption and "2 thread(s)" in caption
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -93,8 +95,8 @@ def test_claims_command_writes_the_table_and_fails_cleanly(tmp_path, capsys):
     csv = pd.read_csv(out / "pX_demo_claims_by_seed.csv", dtype=str)
     assert csv["same at every seed"].tolist() == ["yes", "no"]
     md = (out / "pX_demo_claims_by_seed.md").read_text()
-    assert md.startswith("pX_demo, profile quick") and "1 of 2 claims" in md
-    assert "1 of 2 claims" in capsys.readouterr().out
+    assert md.startswith("pX_demo, profile quick") and "1 of 2 tested claims" in md
+    assert "1 of 2 tested claims" in capsys.readouterr().out
     assert main(["claims", str(a), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "nowhere/run.json" in capsys.readouterr().err
 
@@ -114,7 +116,7 @@ def test_any_verdict_table_keyed_by_several_columns_with_a_value_beside_each_ver
                                                                                    "no (n/a)"]
     assert rows["verdicts"].tolist() == ["no 3", "yes 2, no 1"]  # the values do not split a verdict
     assert rows["same at every seed"].tolist() == ["yes", "no"]
-    assert "1 of 2 rows of stages" in replicates.claims_caption(t)
+    assert "1 of 2 tested rows of stages" in replicates.claims_caption(t)
     out = tmp_path / "out"
     assert main(["claims", *dirs, "--out", str(out), "--table", "stages", "--key", "method", "map",
                  "--verdict", "verdict", "--value", "ratio_to_random"]) == 0
@@ -183,7 +185,7 @@ def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdic
     assert missing.returncode == 2 and "name the notebooks" in missing.stdout
     done = _make("replicate", *args, "NB=pZ", "SEEDS=3 0")
     assert done.returncode == 0, done.stderr
-    assert "1 of 2 claims reach the same verdict at every seed" in done.stdout
+    assert "1 of 2 tested claims reach the same verdict at every seed." in done.stdout
     for seed in (0, 3):
         record = json.loads((res / "replicates" / f"seed{seed}" / "pZ_parity" / "run.json").read_text())
         assert record["seed"] == seed and record["execution"]["threads"] == 1
