@@ -300,7 +300,8 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
         The tables by name, the claims first.
 
     Raises:
-        ValueError: for fewer than two distinct seeds or a notebook without a claims table.
+        ValueError: for fewer than two distinct seeds, or a notebook whose source names no claims
+            table (checked before anything runs).
         mmlib.runner.NotebookFailed: when a run fails (the seeds run before it stay on disk).
     """
     from mmlib.runner import run_notebook
@@ -311,6 +312,10 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
     notebook = Path(notebook)
     if not notebook.is_file():
         raise FileNotFoundError(f"{notebook}: no such notebook")
+    if f'"{CLAIMS_TABLE}"' not in notebook.read_text(encoding="utf-8"):
+        # found before any seed is run, not after all of them (00_overview and 01_data_tour state no claims)
+        raise ValueError(f"{notebook}: its source never names a {CLAIMS_TABLE!r} table, so there are no verdicts "
+                         "to compare across seeds; make replicate is for the pipeline notebooks (p1-p5)")
     results_dir = Path(results_dir)
     commit = git_commit()  # what each run records: the checkout mmlib is imported from
     dirs = []

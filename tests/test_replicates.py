@@ -194,6 +194,10 @@ def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdic
     assert t["same at every seed"].tolist() == ["yes", "no"]
     with pytest.raises(ValueError, match="two distinct seeds"):
         replicates.replicate(nb, [1, 1], tmp_path / "reps")
+    overview = ROOT / "notebooks" / "00_overview.py"
+    with pytest.raises(ValueError, match="never names a 'claims' table"):
+        replicates.replicate(overview, [0, 1], tmp_path / "reps")
+    assert not (tmp_path / "reps").exists()  # refused before any seed ran
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
