@@ -40,7 +40,8 @@ help:  ## list targets
 	@echo "                 DATA=folder (cohorts; default \$$MMLIB_DATA_DIR or data/)"
 	@echo "                 JOBS=$(JOBS) (notebooks at once)  THREADS=$(THREADS) (CPU threads each; empty = all cores)"
 	@echo "make replicate   run NB's notebooks at each of SEEDS (default 0 1 2) into $(RESULTS)/replicates/ and"
-	@echo "                 tabulate whether each claim's verdict is the same at every seed"
+	@echo "                 tabulate whether each claim's verdict is the same at every seed (a finished"
+	@echo "                 make reproduce run of this clean commit stands in for its seed)"
 	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
 	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
@@ -77,7 +78,7 @@ replicate: setup
 	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }
 	@for nb in $(NOTEBOOKS); do \
 	  $(PY) -m mmlib replicate $$nb --seeds $(SEEDS) --profile $(PROFILE) --results $(RESULTS)/replicates \
-	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) || exit $$?; \
+	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) --reuse $(RESULTS) || exit $$?; \
 	done; \
 	$(PY) -m mmlib index $(RESULTS)
 

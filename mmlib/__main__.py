@@ -63,7 +63,8 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
 
     try:
         tables = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
-                           device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout)
+                           device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout,
+                           reuse=args.reuse)
     except (NotebookFailed, FileNotFoundError, ValueError) as err:
         return _fail(err)
     for table in tables.values():
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     rep.add_argument("--rerun", action="store_true",
                      help="run every seed again, even those with a finished run of this commit")
+    rep.add_argument("--reuse", nargs="*", default=[], metavar="RUN_DIR",
+                     help="finished runs made elsewhere (a run folder, or a results folder holding <notebook>/ as make "
+                          "reproduce leaves it); one stands in for its seed when made from this clean commit with "
+                          "the same profile, threads, data folder and device")
     rep.set_defaults(func=_cmd_replicate)
 
     cl = sub.add_parser("claims", help="tabulate the claims of finished runs of one notebook, one per seed")

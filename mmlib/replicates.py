@@ -275,24 +275,54 @@ def write_claims_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple
     return csv, md
 
 
-def _reusable(run_dir: Path, profile: str, threads: int | None, commit: dict[str, Any]) -> bool:
-    """A finished run of this profile, thread count and clean commit: no need to run it again."""
+def _same_request(record: dict[str, Any], data_dir: str | os.PathLike | None, device: str | None) -> bool:
+    """Did the run record come from the data folder and device this call asks for?
+
+    The runner passes ``data_dir`` and ``device`` to the notebook only when given (the folder made
+    absolute), so an omitted one is the notebook's own default, recorded as written there.
+    """
+    params = record.get("params") or {}
+    if data_dir is None and os.environ.get("MMLIB_DATA_DIR"):
+        data_dir = os.environ["MMLIB_DATA_DIR"]
+    recorded = params.get("data_dir")
+    if recorded is None:
+        return False
+    if data_dir is None:
+        same_data = not Path(recorded).is_absolute()  # the notebook's default, relative to the notebook
+    else:
+        same_data = Path(recorded) == Path(data_dir).expanduser().resolve()
+    same_device = params.get("device") == (device if device is not None else "auto")
+    return same_data and same_device
+
+
+def _reusable(run_dir: Path, profile: str, threads: int | None, commit: dict[str, Any], *,
+              notebook: Path | None = None, data_dir: str | os.PathLike | None = None,
+              device: str | None = None) -> RunClaims | None:
+    """A finished run of this profile, thread count and clean commit (and, given ``notebook``, of
+    that notebook, data folder and device): no need to run it again. Returns it, or None."""
     try:
         r = read_run_claims(run_dir)
     except (FileNotFoundError, ValueError):
-        return False
-    return (r.profile.get("name") == profile and r.threads == threads and not r.dirty and not commit.get("dirty")
+        return None
+    same = (r.profile.get("name") == profile and r.threads == threads and not r.dirty and not commit.get("dirty")
             and r.commit not in (None, "unknown") and r.commit == commit.get("commit"))
+    if same and notebook is not None:
+        record = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+        same = r.notebook == notebook.stem and _same_request(record, data_dir, device)
+    return r if same else None
 
 
 def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: str | os.PathLike, *,
               profile: str = "quick", threads: int | None = None, device: str | None = None,
               data_dir: str | os.PathLike | None = None, rerun: bool = False,
-              timeout_s: int | None = None) -> dict[str, pd.DataFrame]:
+              timeout_s: int | None = None, reuse: Sequence[str | os.PathLike] = ()) -> dict[str, pd.DataFrame]:
     """Run ``notebook`` once per seed into ``results_dir/seed<k>/`` and tabulate its verdicts.
 
     A seed whose folder already holds a finished run of the same profile and thread count, made
     from the same clean git commit as now, is not run again (unless ``rerun``). Each table of
+    ``reuse`` names finished runs made elsewhere, such as ``results/<notebook>`` from ``make
+    reproduce`` (or a results folder, for its ``<notebook>`` subfolder): one that passes the same test (and used the same data folder and device) stands
+    in for its seed, read where it is. A folder that does not exist is skipped. Each table of
     :func:`verdict_tables` is written to ``results_dir/<notebook>_<table>_by_seed.{csv,md}``
     (their paths in the returned table's ``attrs["written"]``); a table no run wrote is skipped.
 
@@ -318,11 +348,25 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
                          "to compare across seeds; make replicate is for the pipeline notebooks (p1-p5)")
     results_dir = Path(results_dir)
     commit = git_commit()  # what each run records: the checkout mmlib is imported from
+    same = {"notebook": notebook, "data_dir": data_dir, "device": device}
+    found: dict[int, Path] = {}
+    for other in [] if rerun else map(Path, reuse):
+        if (other / notebook.stem / "run.json").is_file():  # a results folder: its run of this notebook
+            other = other / notebook.stem
+        r = _reusable(other, profile, threads, commit, **same)
+        if r is not None:
+            found.setdefault(r.seed, other)
+        elif other.exists():
+            log.info("%s: not reusing %s (another commit, profile, thread count, data folder or device, a dirty "
+                     "tree, or an unfinished run)", notebook.stem, other)
     dirs = []
     for seed in seeds:
         root = results_dir / f"seed{seed}"
         run_dir = root / notebook.stem
-        if not rerun and _reusable(run_dir, profile, threads, commit):
+        if not rerun and _reusable(run_dir, profile, threads, commit, **same) is not None:
+            log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, run_dir)
+        elif seed in found:
+            run_dir = found[seed]
             log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, run_dir)
         else:
             log.info("%s seed %d: running into %s", notebook.stem, seed, run_dir)

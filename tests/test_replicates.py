@@ -16,11 +16,13 @@ PROFILE = {"name": "quick", "epochs": 3}
 
 
 def _run_dir(root, seed, verdicts, *, notebook="pX_demo", profile=PROFILE, threads=2, status="complete",
-             commit="a" * 40, dirty=False, columns=("claim", "paper reported", "this run", "held")):
+             commit="a" * 40, dirty=False, columns=("claim", "paper reported", "this run", "held"),
+             data_dir="../data", device="auto"):
     d = root / f"seed{seed}" / notebook
     (d / "tables").mkdir(parents=True)
     record = {"notebook": notebook, "status": status, "seed": seed, "profile": profile,
-              "git": {"commit": commit, "dirty": dirty}, "execution": {"threads": threads}}
+              "git": {"commit": commit, "dirty": dirty}, "execution": {"threads": threads},
+              "params": {"seed": seed, "data_dir": data_dir, "device": device}}
     (d / "run.json").write_text(json.dumps(record))
     rows = [{"claim": c, "paper reported": f"paper says {c}", "this run": f"seed {seed}", "held": v}
             for c, v in verdicts.items()]
@@ -156,6 +158,42 @@ def test_a_finished_run_is_reused_only_from_the_same_clean_commit_profile_and_th
     assert not replicates._reusable(tmp_path / "absent", "quick", 2, clean)
 
 
+def test_a_run_made_elsewhere_stands_in_for_its_seed_only_when_it_asked_for_the_same_run(tmp_path, monkeypatch):
+    nb = tmp_path / "notebooks" / "pX_demo.py"
+    nb.parent.mkdir()
+    nb.write_text('run.table(claims, "claims")\n')
+    monkeypatch.delenv("MMLIB_DATA_DIR", raising=False)
+    monkeypatch.setattr(replicates, "git_commit", lambda: {"commit": "a" * 40, "dirty": False})
+    ran = []
+
+    def fake_run(notebook, root, *, seed, **kw):
+        ran.append(seed)
+        return _run_dir(Path(root).parent, seed, {"A": "no"})
+
+    monkeypatch.setattr("mmlib.runner.run_notebook", fake_run)
+    reps = tmp_path / "results" / "replicates"
+    reproduced = _run_dir(tmp_path / "reproduce", 0, {"A": "yes"})  # what make reproduce left, seed 0
+    results = reproduced.parent  # make replicate names the results folder; its run of this notebook is found
+    other_data = _run_dir(tmp_path / "mine", 2, {"A": "yes"}, data_dir=str(tmp_path / "my_cohort"))
+    tables = replicates.replicate(nb, [0, 1, 2], reps, threads=2,
+                                  reuse=[results, other_data, tmp_path / "absent"])
+    assert ran == [1, 2]  # seed 0 read where make reproduce left it; seed 2's run used other data
+    assert tables["claims"].loc[0, ["seed 0", "seed 1", "seed 2"]].tolist() == ["yes", "no", "no"]
+    assert not (reps / "seed0").exists()
+
+    ran.clear()
+    cohort = tmp_path / "my_cohort"
+    mine = _run_dir(tmp_path / "mine2", 0, {"A": "yes"}, data_dir=str(cohort.resolve()))
+    replicates.replicate(nb, [0, 1], tmp_path / "r2", threads=2, data_dir=cohort, reuse=[mine])
+    assert ran == [1]  # the same data folder, given explicitly
+    ran.clear()
+    replicates.replicate(nb, [0, 1], tmp_path / "r3", threads=2, reuse=[reproduced], device="cpu")
+    assert ran == [0, 1]  # reproduce ran on 'auto', this asks for the CPU
+    ran.clear()
+    replicates.replicate(nb, [0, 1], tmp_path / "r4", threads=2, reuse=[reproduced], rerun=True)
+    assert ran == [0, 1]
+
+
 def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdicts(tmp_path):
     nb = tmp_path / "notebooks" / "pZ_parity.py"
     nb.parent.mkdir()
@@ -183,6 +221,8 @@ def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdic
     args = [f"NOTEBOOK_DIR={nb.parent}", f"RESULTS={res}", "PROFILE=smoke", "THREADS=1"]
     missing = _make("replicate", *args)
     assert missing.returncode == 2 and "name the notebooks" in missing.stdout
+    dry = _make("-n", "replicate", *args, "NB=pZ")  # make reproduce's run of a seed stands in for it
+    assert f"--reuse {res} " in dry.stdout, dry.stdout
     done = _make("replicate", *args, "NB=pZ", "SEEDS=3 0")
     assert done.returncode == 0, done.stderr
     assert "1 of 2 tested claims reach the same verdict at every seed." in done.stdout
