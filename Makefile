@@ -44,7 +44,7 @@ help:  ## list targets
 	@echo "                 make reproduce run of this clean commit stands in for its seed)"
 	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
-	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext)"
+	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext); kernels use THREADS"
 	@echo "make sync        regenerate the paired .ipynb from the .py notebooks"
 	@echo "make clean       remove results, generated data and caches (keeps $(VENV))"
 
@@ -98,8 +98,10 @@ $(addprefix run-,$(NB_NAMES)): run-%: setup
 test: setup
 	$(PY) -m pytest
 
+# Kernels inherit THREADS (as make reproduce's notebooks do), so a notebook run in JupyterLab prints the
+# tables results/ holds; `make lab THREADS=` gives them every core (the last digits then differ).
 lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=.
+	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS)) $(VENV)/bin/jupyter lab --notebook-dir=.
 
 sync: setup
 	$(VENV)/bin/jupytext --sync notebooks/[!_]*.py

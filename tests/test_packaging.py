@@ -70,3 +70,15 @@ def test_make_setup_is_up_to_date_after_setup():
     # make test depends on setup, so by now a second setup must have nothing to do.
     proc = subprocess.run(["make", "-q", "setup"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, "make setup would run again although nothing changed"
+
+
+def test_jupyterlab_kernels_get_make_reproduces_thread_count():
+    # CPU results move with the thread count: a notebook run in `make lab` must match results/ by default.
+    def lab(*args: str) -> str:
+        proc = subprocess.run(["make", "--no-print-directory", "-n", "lab", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
+        return proc.stdout.strip().splitlines()[-1]
+
+    assert lab().startswith("OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 ") and lab().endswith("jupyter lab --notebook-dir=.")
+    assert "THREADS" not in lab("THREADS=")  # every core on request
+    assert lab("THREADS=3").startswith("OMP_NUM_THREADS=3 ")
