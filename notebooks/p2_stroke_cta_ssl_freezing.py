@@ -59,7 +59,6 @@ resume = False  # continue interrupted pretraining / fine-tuning from out_dir/ch
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 from IPython.display import Markdown, display
 
 from mmlib import core, results, viz
