@@ -14,6 +14,9 @@ of the single-process run (up to floating-point summation order); the contrastiv
   device this process should use; on a single process it initialises nothing.
 - :func:`rank`, :func:`world_size`, :func:`is_main`, :func:`barrier` and :func:`cleanup` are
   safe to call with or without a process group (one process is rank 0 of a world of 1).
+- :class:`GlobalBatchNorm` (:func:`global_batchnorm` swaps it in for a model's BatchNorm layers,
+  as ``fit`` does under several processes) normalises over the global batch on any backend,
+  gloo included, where :class:`torch.nn.SyncBatchNorm` accepts GPU tensors only.
 - :func:`shard` takes this rank's rows of a global batch and refuses a batch that does not
   divide evenly: unequal shards would weight the ranks' mean losses unequally and make the
   gathered contrastive losses fail.
@@ -28,23 +31,33 @@ explicit call only matters for picking the device)::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
+    "GatherWithGrad",
+    "GlobalBatchNorm",
     "all_reduce_sums",
     "barrier",
     "batch_rows",
     "cleanup",
     "collective_device",
+    "collective_world",
+    "gather_local_slot",
+    "global_batchnorm",
     "is_initialized",
     "is_main",
     "launched_world_size",
+    "local_only",
     "rank",
+    "restore_batchnorm",
     "setup",
     "shard",
     "trim",
@@ -247,3 +260,157 @@ def all_reduce_sums(values: Mapping[str, float]) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+# --------------------------------------------------------------------------- collectives inside a forward
+
+
+_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("mmlib_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside this block nothing a forward computes is gathered across ranks, even under ``torch.distributed``.
+
+    The contrastive losses of :mod:`mmlib.losses` then see only this rank's rows, and
+    :class:`GlobalBatchNorm` normalises over them. For code every rank runs on the same whole
+    batch (validation and evaluation under torchrun, see :func:`mmlib.train.fit`): gathering
+    would then count each row once per rank.
+    """
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
+def collective_world() -> tuple[int, int]:
+    """(rank, world size) for a gather inside a forward; (0, 1) without a process group or inside :func:`local_only`."""
+    if not _LOCAL_ONLY.get() and is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradients of all ranks into the local slice.
+
+    Each rank's loss uses the other ranks' rows (a contrastive loss's negatives, BatchNorm's
+    global statistics); summing the gradient of the gathered tensor over ranks (all_reduce) gives
+    every local row the gradient of all ranks' losses, so that DDP's averaging yields exactly the
+    gradient of the global-batch loss. Every rank must pass the same shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.batch = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def gather_local_slot(x: torch.Tensor) -> torch.Tensor:
+    """open_clip's gather (``gather_with_grad=False``): no-grad all_gather, local tensor put back in its slot."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, over every rank.
+
+    Under ``torchrun`` each rank holds a shard of the global batch; a plain BatchNorm normalises
+    by the shard's mean and variance, so N processes train another model than one process on
+    the same global batch (and a contrastive model can tell its shard's rows apart by their
+    shared statistics: SimCLR's reason for global BatchNorm). This layer gathers each rank's
+    count, mean and sum of squared deviations (:class:`GatherWithGrad`, so the gradient flows
+    through the other ranks' statistics too), combines them exactly (Chan et al.'s pairwise
+    formula, stable where the mean is large against the spread) and normalises with the global
+    mean and biased variance; the running statistics take the unbiased global variance, as
+    BatchNorm's do. Statistics are computed in float32 or wider whatever the input dtype.
+
+    Without a process group, inside :func:`local_only`, in eval mode or without batch statistics
+    it is BatchNorm. It works on any backend (:class:`torch.nn.SyncBatchNorm` accepts GPU
+    tensors only). Every rank must call it with the same number of channels.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        _, world = collective_world()
+        batch_stats = self.training or not self.track_running_stats
+        if world == 1 or not batch_stats:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        xs = x.to(stat_dtype)
+        n = x.numel() // x.shape[1]
+        mean = xs.mean(dims)
+        m2 = ((xs - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).sum(dims)
+        count = torch.full_like(mean[:1], float(n))
+        stats = GatherWithGrad.apply(torch.cat([count, mean, m2]).unsqueeze(0))  # (world, 1 + 2C)
+        c = x.shape[1]
+        counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]
+        total = counts.sum()
+        g_mean = (counts * means).sum(0) / total
+        g_m2 = m2s.sum(0) + (counts * (means - g_mean) ** 2).sum(0)
+        g_var = g_m2 / total
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                unbiased = g_m2 / (total - 1).clamp_min(1)
+                self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        shape = (1, -1, *[1] * (x.dim() - 2))
+        y = (xs - g_mean.view(shape)) * torch.rsqrt(g_var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.to(stat_dtype).view(shape) + self.bias.to(stat_dtype).view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every BatchNorm layer of ``model`` for a :class:`GlobalBatchNorm` sharing its weights and buffers.
+
+    In place (the model object stays the caller's; a model that is itself a BatchNorm layer is
+    left alone). Returns what was swapped, ``(parent, name, original)``, for
+    :func:`restore_batchnorm`; the state dict keys and tensors are unchanged either way.
+    """
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+                new = GlobalBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum,
+                                      affine=child.affine, track_running_stats=child.track_running_stats)
+                new.training = child.training
+                # the same Parameter and buffer objects: the optimizer keeps stepping them
+                for key, value in child._parameters.items():
+                    new._parameters[key] = value
+                for key, value in child._buffers.items():
+                    new._buffers[key] = value
+                setattr(parent, name, new)
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def restore_batchnorm(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back the layers :func:`global_batchnorm` replaced (their weights and statistics are the trained ones)."""
+    for parent, name, original in reversed(swapped):
+        layer = getattr(parent, name)
+        original.training = layer.training
+        for key, value in layer._parameters.items():
+            original._parameters[key] = value
+        for key, value in layer._buffers.items():
+            original._buffers[key] = value
+        setattr(parent, name, original)

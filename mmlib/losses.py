@@ -45,14 +45,14 @@ Tri-modal contrast of P3 (MoRE: reports aligned with chest X-rays and 12-lead EC
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmlib.distributed import GatherWithGrad, collective_world, gather_local_slot, local_only
 
 __all__ = [
     "ClipLoss",
@@ -101,70 +101,6 @@ def clip_logits(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float | torch
     if not isinstance(temperature, torch.Tensor) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return F.normalize(z_a, dim=1) @ F.normalize(z_b, dim=1).T / temperature
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums the gradients of all ranks into the local slice.
-
-    Each rank's loss uses the other ranks' embeddings as negatives; summing the gradient of the
-    gathered tensor over ranks (all_reduce) gives every local embedding the gradient of all
-    ranks' losses, so that DDP's averaging yields exactly the gradient of the global-batch loss.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(), dist.get_rank()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.batch = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
-
-
-def _gather_local_slot(x: torch.Tensor) -> torch.Tensor:
-    """open_clip's gather (``gather_with_grad=False``): no-grad all_gather, local tensor put back in its slot."""
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts, dim=0)
-
-
-_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("mmlib_losses_local_only", default=False)
-
-
-@contextlib.contextmanager
-def local_only() -> Iterator[None]:
-    """Inside this block the contrastive losses gather nothing, even under ``torch.distributed``.
-
-    For code every rank runs on the same whole batch (validation and evaluation under torchrun,
-    see :func:`mmlib.train.fit`): gathering would then count each row once per rank.
-    """
-    token = _LOCAL_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _LOCAL_ONLY.reset(token)
-
-
-def _distributed_world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group or inside :func:`local_only`."""
-    import torch.distributed as dist
-
-    if not _LOCAL_ONLY.get() and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ClipLoss(nn.Module):
@@ -262,9 +198,9 @@ class ClipLoss(nn.Module):
             raise ValueError(f"ClipLoss needs a batch of at least 1, got z_img {tuple(z_img.shape)}")
 
         scale = self.logit_scale().to(device=z_img.device, dtype=z_img.dtype)
-        rank, world = _distributed_world()
+        rank, world = collective_world()
         if self.gather and world > 1:
-            gather = _GatherWithGrad.apply if self.gather_with_grad else _gather_local_slot
+            gather = GatherWithGrad.apply if self.gather_with_grad else gather_local_slot
             all_img, all_tab = gather(z_img), gather(z_tab)
         else:
             rank, all_img, all_tab = 0, z_img, z_tab
@@ -781,11 +717,11 @@ class TriModalLoss(nn.Module):
                     f"TriModalLoss expects {name} of the text's shape {tuple(text.shape)}, got {_shape(z)}"
                 )
         temperature = 1.0 / self.logit_scale().to(device=text.device, dtype=text.dtype)
-        rank, world = _distributed_world()
+        rank, world = collective_world()
         gathered = self.gather and world > 1
         b = text.shape[0]
         labels = torch.arange(b, device=text.device) + (rank * b if gathered else 0)
-        gather = _GatherWithGrad.apply if self.gather_with_grad else _gather_local_slot
+        gather = GatherWithGrad.apply if self.gather_with_grad else gather_local_slot
         all_text = gather(text) if gathered else None
         out: dict[str, torch.Tensor] = {}
         for key, z in (("text_xray", xray), ("text_ecg", ecg)):

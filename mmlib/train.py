@@ -355,6 +355,7 @@ def fit(
     find_unused_parameters: bool = True,
     step_lr_factor: Callable[[int], float] | None = None,
     progress: bool = True,
+    global_batchnorm: bool = True,
 ) -> pd.DataFrame:
     """Train ``model`` for ``epochs``; returns one row per epoch.
 
@@ -393,6 +394,10 @@ def fit(
             ``lr`` then logs the rate of the epoch's last step.
         progress: show the per-epoch progress bar (rank 0 only); ``False`` for a caller that
             trains many small models under its own bar.
+        global_batchnorm: under several processes, train with the model's BatchNorm layers swapped
+            for :class:`mmlib.distributed.GlobalBatchNorm` (put back when ``fit`` returns or fails),
+            so they normalise over the global batch, as on one process; ``False`` keeps each
+            rank's shard statistics. Ignored on one process.
         find_unused_parameters: passed to DistributedDataParallel (ignored on one process).
             ``True`` tolerates trainable parameters that a loss leaves without a gradient (an
             unused head) at the cost of one graph traversal per step; ``False`` is faster when
@@ -426,11 +431,10 @@ def fit(
     the checkpoints (the plain model's state dict, keys as on one process; a rank given a different
     path, e.g. its own temporary directory, writes its own), followed by a barrier; every rank reads
     ``<stem>.last`` to resume, and all must resume from the same epoch. Only rank 0 shows a progress
-    bar. Caveats: BatchNorm normalises over the local shard (convert to
-    :class:`torch.nn.SyncBatchNorm` for global statistics); dropout and torch-drawn augmentation use
-    the same (seed, epoch) stream on every rank, which keeps the global torch RNG in step for batch
-    generators that draw from it; parameters the optimizer holds outside the model (and outside a
-    module ``loss_fn``) are not synchronised.
+    bar. BatchNorm normalises over the global batch (``global_batchnorm``). Caveats: dropout and
+    torch-drawn augmentation use the same (seed, epoch) stream on every rank, which keeps the
+    global torch RNG in step for batch generators that draw from it; parameters the optimizer
+    holds outside the model (and outside a module ``loss_fn``) are not synchronised.
     """
     device = torch.device(device)
     if distributed.launched_world_size() > 1 and not distributed.is_initialized():
@@ -466,99 +470,105 @@ def fit(
             log.info("%s: %s.last has other settings; starting afresh", desc, stem)
     writes_checkpoints = rank == 0
     replica: _Replica | None = None
+    swapped: list = []
     if world > 1:
         writes_checkpoints = _check_ranks_agree(desc, start, stem)
+        if global_batchnorm:  # before DDP wraps the model: its buffers are the swapped layers'
+            swapped = distributed.global_batchnorm(model)
         replica = _Replica(model, loss_fn, device, find_unused_parameters)
-    bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start,
-                        disable=rank != 0 or not progress)
-    trimmed_rows = 0
-    for epoch in bar:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed * 100_003 + epoch)
-        n_trainable = apply_freeze(model, schedule, epoch, train=True)
-        if replica is not None:
-            replica.follow_trainable()
-        epoch_factor = 1.0 if lr_factor is None else float(lr_factor(epoch))
-        if lr_factor is not None:
-            for g, lr0 in zip(optimizer.param_groups, base_lr):
-                g["lr"] = lr0 * epoch_factor
-        sums: dict[str, float] = {}
-        count = 0
-        for batch in train_batches(epoch):
+    try:
+        bar = core.progress(range(start, epochs), desc=desc, total=epochs, initial=start,
+                            disable=rank != 0 or not progress)
+        trimmed_rows = 0
+        for epoch in bar:
+            t0 = time.perf_counter()
+            torch.manual_seed(seed * 100_003 + epoch)
+            n_trainable = apply_freeze(model, schedule, epoch, train=True)
             if replica is not None:
-                full = distributed.batch_rows(batch)
-                batch = distributed.trim(batch, world)
-                if trimmed_rows == 0 and (batch is None or distributed.batch_rows(batch) < full) and rank == 0:
-                    log.info("%s: a batch of %d rows does not divide over %d processes; its last rows are dropped "
-                             "(every such batch loses at most %d)", desc, full, world, world - 1)
-                trimmed_rows += full - (0 if batch is None else distributed.batch_rows(batch))
-                if batch is None:
-                    continue
-                batch = distributed.shard(batch, rank, world)
-            batch = to_device(batch, device)
-            if step_lr_factor is not None:
+                replica.follow_trainable()
+            epoch_factor = 1.0 if lr_factor is None else float(lr_factor(epoch))
+            if lr_factor is not None:
                 for g, lr0 in zip(optimizer.param_groups, base_lr):
-                    g["lr"] = lr0 * epoch_factor * float(step_lr_factor(step))
-            optimizer.zero_grad(set_to_none=True)
-            with core.autocast(device, precision):
-                loss, terms = _loss_terms(loss_fn(model, batch) if replica is None else replica(batch))
+                    g["lr"] = lr0 * epoch_factor
+            sums: dict[str, float] = {}
+            count = 0
+            for batch in train_batches(epoch):
+                if replica is not None:
+                    full = distributed.batch_rows(batch)
+                    batch = distributed.trim(batch, world)
+                    if trimmed_rows == 0 and (batch is None or distributed.batch_rows(batch) < full) and rank == 0:
+                        log.info("%s: a batch of %d rows does not divide over %d processes; its last rows are dropped "
+                                 "(every such batch loses at most %d)", desc, full, world, world - 1)
+                    trimmed_rows += full - (0 if batch is None else distributed.batch_rows(batch))
+                    if batch is None:
+                        continue
+                    batch = distributed.shard(batch, rank, world)
+                batch = to_device(batch, device)
+                if step_lr_factor is not None:
+                    for g, lr0 in zip(optimizer.param_groups, base_lr):
+                        g["lr"] = lr0 * epoch_factor * float(step_lr_factor(step))
+                optimizer.zero_grad(set_to_none=True)
+                with core.autocast(device, precision):
+                    loss, terms = _loss_terms(loss_fn(model, batch) if replica is None else replica(batch))
+                if replica is not None:
+                    _raise_unless_finite_everywhere(desc, loss, epoch)
+                elif not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
+                loss.backward()
+                optimizer.step()
+                step += 1
+                n = _batch_size(batch)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                count += n
             if replica is not None:
-                _raise_unless_finite_everywhere(desc, loss, epoch)
-            elif not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at epoch {epoch}; lower the learning rate?")
-            loss.backward()
-            optimizer.step()
-            step += 1
-            n = _batch_size(batch)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-            count += n
+                replica.sync_buffers()
+            val: dict[str, float] = {}
+            vsums: dict[str, float] = {}
+            vc = 0
+            if val_batches is not None:
+                apply_freeze(model, schedule, epoch, train=False)
+                # under DDP every rank validates the whole batch (no shard, no gathering): identical
+                # results on every rank, and no validation batch has to divide by the world size
+                with torch.no_grad(), core.autocast(device, precision), local_only():
+                    for batch in val_batches():
+                        batch = to_device(batch, device)
+                        _, terms = _loss_terms(loss_fn(model, batch))
+                        n = _batch_size(batch)
+                        for k, v in terms.items():
+                            vsums[k] = vsums.get(k, 0.0) + v * n
+                        vc += n
+            seconds = None
+            if replica is not None:  # global sums, counts and mean time, bitwise equal on every rank
+                sums, count, vsums, vc, seconds = _global_sums(sums, count, vsums, vc, time.perf_counter() - t0)
+            train = {k: v / max(count, 1) for k, v in sums.items()}
+            if val_batches is not None:
+                val = {k: v / max(vc, 1) for k, v in vsums.items()}
+            train_loss, val_loss = train.get("loss", math.nan), val.get("loss")
+            score = val_loss if val_loss is not None else (0.0 if epoch == epochs - 1 else math.inf)
+            is_best = score < best
+            best = min(best, score)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
+                   "seconds": round(time.perf_counter() - t0 if seconds is None else seconds, 3), "best": is_best}
+            if lr_factor is not None or step_lr_factor is not None:
+                row["lr"] = optimizer.param_groups[0]["lr"]
+            row.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
+            row.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
+            rows.append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
+            if stem is not None:
+                if writes_checkpoints:
+                    if is_best:
+                        save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
+                    save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
+                                    meta=dict(meta, epoch=epoch, history=rows, steps=step))
+                if replica is not None:
+                    distributed.barrier()  # nobody reads a checkpoint before rank 0 has written it
+    finally:
         if replica is not None:
-            replica.sync_buffers()
-        val: dict[str, float] = {}
-        vsums: dict[str, float] = {}
-        vc = 0
-        if val_batches is not None:
-            apply_freeze(model, schedule, epoch, train=False)
-            # under DDP every rank validates the whole batch (no shard, no gathering): identical
-            # results on every rank, and no validation batch has to divide by the world size
-            with torch.no_grad(), core.autocast(device, precision), local_only():
-                for batch in val_batches():
-                    batch = to_device(batch, device)
-                    _, terms = _loss_terms(loss_fn(model, batch))
-                    n = _batch_size(batch)
-                    for k, v in terms.items():
-                        vsums[k] = vsums.get(k, 0.0) + v * n
-                    vc += n
-        seconds = None
-        if replica is not None:  # global sums, counts and mean time, bitwise equal on every rank
-            sums, count, vsums, vc, seconds = _global_sums(sums, count, vsums, vc, time.perf_counter() - t0)
-        train = {k: v / max(count, 1) for k, v in sums.items()}
-        if val_batches is not None:
-            val = {k: v / max(vc, 1) for k, v in vsums.items()}
-        train_loss, val_loss = train.get("loss", math.nan), val.get("loss")
-        score = val_loss if val_loss is not None else (0.0 if epoch == epochs - 1 else math.inf)
-        is_best = score < best
-        best = min(best, score)
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "trainable": n_trainable,
-               "seconds": round(time.perf_counter() - t0 if seconds is None else seconds, 3), "best": is_best}
-        if lr_factor is not None or step_lr_factor is not None:
-            row["lr"] = optimizer.param_groups[0]["lr"]
-        row.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
-        row.update({f"val_{k}": v for k, v in val.items() if k != "loss"})
-        rows.append(row)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
-        if stem is not None:
-            if writes_checkpoints:
-                if is_best:
-                    save_checkpoint(stem.with_name(stem.name + ".best"), model, meta=dict(meta, epoch=epoch, val_loss=val_loss))
-                save_checkpoint(stem.with_name(stem.name + ".last"), model, optimizer=optimizer,
-                                meta=dict(meta, epoch=epoch, history=rows, steps=step))
-            if replica is not None:
-                distributed.barrier()  # nobody reads a checkpoint before rank 0 has written it
-    if replica is not None:
-        replica.release()
+            replica.release()
+        distributed.restore_batchnorm(swapped)
     model.eval()
     return pd.DataFrame(rows)
 
@@ -621,9 +631,10 @@ class _Replica:
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics) after an epoch's training.
 
-        DDP broadcasts them at the start of each forward, so after the last step each rank holds
-        the statistics of its own last shard; copying rank 0's makes validation on every rank
-        use the model that rank 0 saves.
+        DDP broadcasts them at the start of each forward, so after the last step a rank may hold
+        statistics of its own last shard (with ``global_batchnorm=False``, or buffers other
+        than BatchNorm's); copying rank 0's makes validation on every rank use the model that
+        rank 0 saves.
         """
         for b in self.module.buffers():
             torch.distributed.broadcast(b, src=0)

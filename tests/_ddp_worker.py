@@ -5,7 +5,8 @@ every case of :data:`CASES` through :func:`mmlib.train.fit` data-parallel and ha
 ``OUT/<case>.rank<r>.pt`` (the trained state dict) and ``OUT/<case>.rank<r>.json`` (the history),
 plus ``OUT/setup.rank<r>.json`` (what the process group looked like). The test runs the same
 cases on one process, without a process group, and compares. Everything is float64 and free of
-dropout and BatchNorm, so the two runs differ only by the order of floating-point sums.
+dropout, so the two runs differ only by the order of floating-point sums; the BatchNorm cases
+(``bn``, ``bn_local``) check that fit's global BatchNorm is what makes that so.
 
 Not a test module (no ``test_`` names): pytest imports it for :func:`run_case` only.
 """
@@ -68,6 +69,29 @@ class ThreeTower(nn.Module):
         return self.text(batch["text"]), self.xray(batch["xray"]), self.ecg(batch["ecg"])
 
 
+class NormNet(nn.Module):
+    """Conv3d -> BatchNorm3d -> linear -> BatchNorm1d (cumulative running statistics) -> 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, kernel_size=3)
+        self.bn3 = nn.BatchNorm3d(3)
+        self.mid = nn.Linear(3 * 4 * 4 * 4, 5)
+        self.bn1 = nn.BatchNorm1d(5, momentum=None)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.relu(self.bn3(self.conv(batch["image"]))).flatten(1)
+        return self.head(torch.relu(self.bn1(self.mid(x))))
+
+
+def _skewed_batch(seed: int) -> dict[str, Any]:
+    """A conv batch whose second half is brighter: each rank's shard has other statistics than the whole."""
+    batch = _conv_batch(seed)
+    batch["image"][GLOBAL_BATCH // 2 :] += 1.5
+    return batch
+
+
 def _conv_batch(seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(GLOBAL_BATCH, 1, 6, 6, 6, generator=g, dtype=torch.float64)
@@ -118,11 +142,13 @@ def _trim_batches(epoch: int) -> list[dict[str, Any]]:
     return [{k: v[:6] for k, v in rows.items()}]
 
 
-CASES = ("conv", "clip", "unfreeze", "trimodal", "trim")
+CASES = ("conv", "clip", "unfreeze", "trimodal", "trim", "bn", "bn_local")
 _PLAIN_SGD = {
     "clip": (TwoTower, _clip, 1, lambda epoch: [_pair_batch(200 + epoch)]),
     "trimodal": (ThreeTower, _trimodal, 2, lambda epoch: [_tri_batch(400 + epoch)]),
     "trim": (ConvClassifier, _cross_entropy, 1, _trim_batches),
+    "bn": (NormNet, _cross_entropy, 2, lambda epoch: [_skewed_batch(600 + epoch)]),
+    "bn_local": (NormNet, _cross_entropy, 2, lambda epoch: [_skewed_batch(600 + epoch)]),
 }
 
 
@@ -136,6 +162,9 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
     - ``trim``: one SGD step on a batch of 7 rows, which 2 ranks cannot share evenly.
     - ``trimodal``: two epochs of one SGD step each of three towers with a gathered, learnable
       TriModalLoss (P3's objective).
+    - ``bn``: two epochs of one SGD step each of a network with BatchNorm3d and BatchNorm1d,
+      on batches whose two halves (the two ranks' shards) differ; ``bn_local`` is the same with
+      ``global_batchnorm=False`` (each rank normalises over its shard).
     """
     from mmlib.train import FreezeSchedule, fit
 
@@ -159,7 +188,10 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
     else:
         raise ValueError(name)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches, epochs=epochs,
-               optimizer=opt, schedule=schedule, checkpoint=checkpoint, seed=3, meta={"case": name})
+               optimizer=opt, schedule=schedule, checkpoint=checkpoint, seed=3, meta={"case": name},
+               global_batchnorm=name != "bn_local")
+    if name.startswith("bn"):  # fit put the model's own BatchNorm layers back
+        assert type(model.bn3) is nn.BatchNorm3d and type(model.bn1) is nn.BatchNorm1d
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return state, hist.to_dict("records")
 

@@ -182,7 +182,8 @@ def test_fit_under_torchrun_initialises_gloo_shards_every_batch_resumes_and_stop
         # only) saw the whole batch on every rank, with gathering off
         assert setup == {"rows_seen_conv": [8 // WORLD, 8], "rows_seen_clip": [8 // WORLD],
                          "rows_seen_unfreeze": [8 // WORLD], "rows_seen_trimodal": [8 // WORLD],
-                         "rows_seen_trim": [6 // WORLD]}
+                         "rows_seen_trim": [6 // WORLD], "rows_seen_bn": [8 // WORLD],
+                         "rows_seen_bn_local": [8 // WORLD]}
 
 
 def test_ddp_step_of_conv_classifier_equals_single_process_step(ddp_out, single):
@@ -244,6 +245,39 @@ def test_ddp_follows_a_stage_unfrozen_in_a_later_epoch(ddp_out, single):
     _assert_same_state(state0, want_state)
     _assert_same_state(state1, state0, atol=0)
     _assert_same_history(hist0, want_hist)
+
+
+def test_ddp_batchnorm_normalises_over_the_global_batch_as_one_process_does(ddp_out, single):
+    """Two steps of BatchNorm3d + BatchNorm1d on shards with other statistics than their union: the
+    weights and the running statistics equal the single-process run's; with each rank's own shard
+    statistics (``global_batchnorm=False``) they do not."""
+    want_state, want_hist, hist0 = _ddp_matches_single(ddp_out, single, "bn")
+    _assert_same_history(hist0, want_hist)
+    for key in ("bn3.running_mean", "bn3.running_var", "bn1.running_mean", "bn1.running_var"):
+        assert not torch.allclose(want_state[key], torch.zeros_like(want_state[key]) + (key.endswith("var")))
+    assert want_state["bn1.num_batches_tracked"].item() == 2
+    (local, _), _ = _ranks(ddp_out, "bn_local")
+    assert torch.equal(single["bn_local"][0]["conv.weight"], want_state["conv.weight"])  # one process: the same run
+    for key in ("conv.weight", "mid.weight", "bn3.running_mean", "bn1.running_var"):
+        assert (local[key] - want_state[key]).abs().max() > 1e-3, key
+
+
+def test_global_batchnorm_swaps_in_place_and_restores_the_layers_with_their_trained_tensors():
+    model = _worker_module().NormNet().double()
+    weight, mean = model.bn3.weight, model.bn3.running_mean
+    keys = list(model.state_dict())
+    swapped = distributed.global_batchnorm(model)
+    assert [name for _, name, _ in swapped] == ["bn3", "bn1"]
+    assert isinstance(model.bn3, distributed.GlobalBatchNorm) and model.bn3.weight is weight
+    assert model.bn1.momentum is None and list(model.state_dict()) == keys
+    x = {"image": torch.randn(6, 1, 6, 6, 6, dtype=torch.float64)}
+    ref = _worker_module().NormNet().double()
+    ref.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), ref(x), atol=1e-12, rtol=0)  # one process: plain BatchNorm
+    distributed.restore_batchnorm(swapped)
+    assert type(model.bn3) is nn.BatchNorm3d and model.bn3.weight is weight and model.bn3.running_mean is mean
+    torch.testing.assert_close(model.bn3.running_mean, ref.bn3.running_mean, atol=0, rtol=0)  # the step's statistics
+    assert not torch.equal(mean, torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------- the command line
