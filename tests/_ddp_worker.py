@@ -189,7 +189,7 @@ def run_case(name: str, checkpoint: Path | None = None) -> tuple[dict[str, torch
         raise ValueError(name)
     hist = fit(model, loss_fn=loss_fn, train_batches=train_batches, val_batches=val_batches, epochs=epochs,
                optimizer=opt, schedule=schedule, checkpoint=checkpoint, seed=3, meta={"case": name},
-               global_batchnorm=name != "bn_local")
+               **({"global_batchnorm": False} if name == "bn_local" else {}))  # bn: fit's default
     if name.startswith("bn"):  # fit put the model's own BatchNorm layers back
         assert type(model.bn3) is nn.BatchNorm3d and type(model.bn1) is nn.BatchNorm1d
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
