@@ -380,6 +380,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+def _hand_over(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the very Parameter and buffer objects of ``src`` (the optimizer keeps stepping them) and its mode."""
+    dst.training = src.training
+    dst._parameters.update(src._parameters)
+    dst._buffers.update(src._buffers)
+
+
 def global_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """Swap every BatchNorm layer of ``model`` for a :class:`GlobalBatchNorm` sharing its weights and buffers.
 
@@ -393,12 +400,7 @@ def global_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
                 new = GlobalBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum,
                                       affine=child.affine, track_running_stats=child.track_running_stats)
-                new.training = child.training
-                # the same Parameter and buffer objects: the optimizer keeps stepping them
-                for key, value in child._parameters.items():
-                    new._parameters[key] = value
-                for key, value in child._buffers.items():
-                    new._buffers[key] = value
+                _hand_over(child, new)
                 setattr(parent, name, new)
                 swapped.append((parent, name, child))
     return swapped
@@ -407,10 +409,5 @@ def global_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
 def restore_batchnorm(swapped: list[tuple[nn.Module, str, nn.Module]]) -> None:
     """Put back the layers :func:`global_batchnorm` replaced (their weights and statistics are the trained ones)."""
     for parent, name, original in reversed(swapped):
-        layer = getattr(parent, name)
-        original.training = layer.training
-        for key, value in layer._parameters.items():
-            original._parameters[key] = value
-        for key, value in layer._buffers.items():
-            original._buffers[key] = value
+        _hand_over(getattr(parent, name), original)
         setattr(parent, name, original)
