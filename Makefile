@@ -41,7 +41,7 @@ help:  ## list targets
 	@echo "                 JOBS=$(JOBS) (notebooks at once)  THREADS=$(THREADS) (CPU threads each; empty = all cores)"
 	@echo "make replicate   run NB's notebooks at each of SEEDS (default 0 1 2) into $(RESULTS)/replicates/ and"
 	@echo "                 tabulate whether each claim's verdict is the same at every seed (a finished"
-	@echo "                 make reproduce run of this clean commit stands in for its seed)"
+	@echo "                 make reproduce run of this clean commit stands in for its seed; JOBS seeds at once)"
 	@echo "make data        generate the five cohorts (PROFILE=smoke|quick|full, DATA=folder; default data/)"
 	@echo "make test        run the test suite (includes every notebook at the smoke profile)"
 	@echo "make lab         JupyterLab; .py notebooks open as notebooks (jupytext); kernels use THREADS"
@@ -78,7 +78,7 @@ replicate: setup
 	@test -n "$(NOTEBOOKS)" || { echo "ERROR: no notebook in $(NOTEBOOK_DIR)/ starts with '$(NB)'"; exit 2; }
 	@for nb in $(NOTEBOOKS); do \
 	  $(PY) -m mmlib replicate $$nb --seeds $(SEEDS) --profile $(PROFILE) --results $(RESULTS)/replicates \
-	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) --reuse $(RESULTS) || exit $$?; \
+	    $(if $(DEVICE),--device $(DEVICE)) $(if $(DATA),--data-dir $(DATA)) $(if $(THREADS),--threads $(THREADS)) --reuse $(RESULTS) --jobs $(JOBS) || exit $$?; \
 	done; \
 	$(PY) -m mmlib index $(RESULTS)
 

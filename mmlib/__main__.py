@@ -64,7 +64,7 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     try:
         tables = replicate(args.notebook, args.seeds, args.results, profile=args.profile, threads=args.threads,
                            device=args.device, data_dir=args.data_dir, rerun=args.rerun, timeout_s=args.timeout,
-                           reuse=args.reuse)
+                           reuse=args.reuse, jobs=args.jobs)
     except (NotebookFailed, FileNotFoundError, ValueError) as err:
         return _fail(err)
     for table in tables.values():
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="finished runs made elsewhere (a run folder, or a results folder holding <notebook>/ as make "
                           "reproduce leaves it); one stands in for its seed when made from this clean commit with "
                           "the same profile, threads, data folder and device")
+    rep.add_argument("--jobs", type=int, default=1,
+                     help="seeds run at once, each in its own process (default 1; make replicate: its JOBS, "
+                          "cores / THREADS)")
     rep.set_defaults(func=_cmd_replicate)
 
     cl = sub.add_parser("claims", help="tabulate the claims of finished runs of one notebook, one per seed")

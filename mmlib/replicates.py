@@ -312,33 +312,83 @@ def _reusable(run_dir: Path, profile: str, threads: int | None, commit: dict[str
     return r if same else None
 
 
+def _run_in_processes(notebook: Path, seeds: Sequence[int], results_dir: Path, jobs: int, *, profile: str,
+                      device: str | None, data_dir: str | os.PathLike | None, threads: int | None,
+                      timeout_s: int | None) -> dict[int, Path]:
+    """Each seed in its own ``python -m mmlib run`` process, ``jobs`` at a time; their run folders by seed.
+
+    A process has its own environment (the thread count the runner hands its kernel), which
+    threads of this one would share. Every seed runs even when another fails; then one error
+    names each failed seed, its exit status and its log.
+    """
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmlib.runner import NotebookFailed
+
+    def run(seed: int) -> tuple[int, int, Path]:
+        root = results_dir / f"seed{seed}"
+        root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mmlib", "run", str(notebook.resolve()), "--profile", profile,
+               "--results", str(root), "--seed", str(seed), "--no-progress"]
+        for flag, value in (("--device", device), ("--data-dir", data_dir), ("--threads", threads),
+                            ("--timeout", timeout_s)):
+            if value is not None:
+                cmd += [flag, str(Path(value).expanduser().resolve()) if flag == "--data-dir" else str(value)]
+        log_path = root / f"{notebook.stem}.log"
+        log.info("%s seed %d: running in a process of its own (output: %s)", notebook.stem, seed, log_path)
+        with log_path.open("w", encoding="utf-8") as out:
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        return seed, code, log_path
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        finished = list(pool.map(run, seeds))
+    failed = [(seed, code, path) for seed, code, path in finished if code != 0]
+    if failed:
+        raise NotebookFailed(f"{notebook.stem}: " + "; ".join(f"seed {seed} failed (exit status {code}; see {path})"
+                                                              for seed, code, path in failed))
+    return {seed: results_dir / f"seed{seed}" / notebook.stem for seed, _, _ in finished}
+
+
 def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: str | os.PathLike, *,
               profile: str = "quick", threads: int | None = None, device: str | None = None,
               data_dir: str | os.PathLike | None = None, rerun: bool = False,
-              timeout_s: int | None = None, reuse: Sequence[str | os.PathLike] = ()) -> dict[str, pd.DataFrame]:
+              timeout_s: int | None = None, reuse: Sequence[str | os.PathLike] = (),
+              jobs: int = 1) -> dict[str, pd.DataFrame]:
     """Run ``notebook`` once per seed into ``results_dir/seed<k>/`` and tabulate its verdicts.
 
     A seed whose folder already holds a finished run of the same profile and thread count, made
-    from the same clean git commit as now, is not run again (unless ``rerun``). Each table of
-    ``reuse`` names finished runs made elsewhere, such as ``results/<notebook>`` from ``make
-    reproduce`` (or a results folder, for its ``<notebook>`` subfolder): one that passes the same test (and used the same data folder and device) stands
-    in for its seed, read where it is. A folder that does not exist is skipped. Each table of
-    :func:`verdict_tables` is written to ``results_dir/<notebook>_<table>_by_seed.{csv,md}``
-    (their paths in the returned table's ``attrs["written"]``); a table no run wrote is skipped.
+    from the same clean git commit as now, is not run again (unless ``rerun``). ``reuse`` names
+    finished runs made elsewhere, such as ``results/<notebook>`` from ``make reproduce`` (or a
+    results folder, for its ``<notebook>`` subfolder): one that passes the same test (and used the
+    same data folder and device) stands in for its seed, read where it is. A folder that does not
+    exist is skipped.
+
+    With ``jobs`` above 1 the seeds left to run go to separate ``python -m mmlib run`` processes,
+    at most ``jobs`` at once (give each ``threads`` so they share the cores), each writing its
+    output to ``results_dir/seed<k>/<notebook>.log``; with 1 they run one after another here.
+
+    Each table of :func:`verdict_tables` is written to
+    ``results_dir/<notebook>_<table>_by_seed.{csv,md}`` (their paths in the returned table's
+    ``attrs["written"]``); a table no run wrote is skipped.
 
     Returns:
         The tables by name, the claims first.
 
     Raises:
-        ValueError: for fewer than two distinct seeds, or a notebook whose source names no claims
-            table (checked before anything runs).
-        mmlib.runner.NotebookFailed: when a run fails (the seeds run before it stay on disk).
+        ValueError: for fewer than two distinct seeds, ``jobs`` below 1, or a notebook whose source
+            names no claims table (checked before anything runs).
+        mmlib.runner.NotebookFailed: when a run fails (the other seeds' runs stay on disk; under
+            ``jobs`` the message names every failed seed and its log).
     """
     from mmlib.runner import run_notebook
 
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"need at least two distinct seeds, got {seeds}")
+    if isinstance(jobs, bool) or int(jobs) != jobs or jobs < 1:
+        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
     notebook = Path(notebook)
     if not notebook.is_file():
         raise FileNotFoundError(f"{notebook}: no such notebook")
@@ -359,20 +409,25 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
         elif other.exists():
             log.info("%s: not reusing %s (another commit, profile, thread count, data folder or device, a dirty "
                      "tree, or an unfinished run)", notebook.stem, other)
-    dirs = []
+    runs: dict[int, Path] = {}
+    pending = []
     for seed in seeds:
-        root = results_dir / f"seed{seed}"
-        run_dir = root / notebook.stem
+        run_dir = results_dir / f"seed{seed}" / notebook.stem
         if not rerun and _reusable(run_dir, profile, threads, commit, **same) is not None:
-            log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, run_dir)
+            runs[seed] = run_dir
         elif seed in found:
-            run_dir = found[seed]
-            log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, run_dir)
+            runs[seed] = found[seed]
         else:
-            log.info("%s seed %d: running into %s", notebook.stem, seed, run_dir)
-            run_dir = run_notebook(notebook, root, profile=profile, seed=seed, device=device, data_dir=data_dir,
-                                   threads=threads, timeout_s=timeout_s)
-        dirs.append(run_dir)
+            pending.append(seed)
+            continue
+        log.info("%s seed %d: reusing the finished run in %s", notebook.stem, seed, runs[seed])
+    options = {"profile": profile, "device": device, "data_dir": data_dir, "threads": threads, "timeout_s": timeout_s}
+    if jobs > 1 and len(pending) > 1:
+        runs.update(_run_in_processes(notebook, pending, results_dir, int(jobs), **options))
+    for seed in [] if jobs > 1 and len(pending) > 1 else pending:
+        log.info("%s seed %d: running into %s", notebook.stem, seed, results_dir / f"seed{seed}" / notebook.stem)
+        runs[seed] = run_notebook(notebook, results_dir / f"seed{seed}", seed=seed, **options)
+    dirs = [runs[seed] for seed in seeds]
     out = {}
     for vt in verdict_tables(notebook.stem):
         optional = vt != CLAIMS

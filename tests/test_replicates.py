@@ -211,6 +211,7 @@ def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdic
         # %%
         import pandas as pd
         from mmlib import results
+        assert seed != 7, "seed 7 fails on purpose"
         run = results.Run(out_dir, notebook="pZ_parity", seed=seed, profile=profile)
         claims = pd.DataFrame({"claim": ["always", "even seed"],
                                "held": ["yes", "yes" if seed % 2 == 0 else "no"]})
@@ -223,12 +224,21 @@ def test_make_replicate_runs_the_notebook_once_per_seed_and_tabulates_its_verdic
     assert missing.returncode == 2 and "name the notebooks" in missing.stdout
     dry = _make("-n", "replicate", *args, "NB=pZ")  # make reproduce's run of a seed stands in for it
     assert f"--reuse {res} " in dry.stdout, dry.stdout
-    done = _make("replicate", *args, "NB=pZ", "SEEDS=3 0")
+    done = _make("replicate", *args, "NB=pZ", "SEEDS=3 0", "JOBS=2")
     assert done.returncode == 0, done.stderr
     assert "1 of 2 tested claims reach the same verdict at every seed." in done.stdout
+    spans = []
     for seed in (0, 3):
         record = json.loads((res / "replicates" / f"seed{seed}" / "pZ_parity" / "run.json").read_text())
         assert record["seed"] == seed and record["execution"]["threads"] == 1
+        spans.append((record["execution"]["started"], record["execution"]["finished"]))
+        assert (res / "replicates" / f"seed{seed}" / "pZ_parity.log").is_file()  # each process's output
+    assert max(a for a, _ in spans) < min(b for _, b in spans)  # JOBS=2: the two seeds ran side by side
+    bad = _make("replicate", *args, "NB=pZ", "SEEDS=5 7 9", "JOBS=2")
+    assert bad.returncode != 0 and "seed 7 failed (exit status 1; see " in bad.stderr, bad.stderr
+    assert "seed 5 failed" not in bad.stderr and "seed 9 failed" not in bad.stderr
+    for seed in (5, 9):  # the other seeds still ran
+        assert (res / "replicates" / f"seed{seed}" / "pZ_parity" / "run.json").is_file()
     t = pd.read_csv(res / "replicates" / "pZ_parity_claims_by_seed.csv", dtype=str).set_index("claim")
     assert t.loc["even seed", ["seed 0", "seed 3"]].tolist() == ["yes", "no"]
     assert t["same at every seed"].tolist() == ["yes", "no"]
