@@ -31,8 +31,8 @@ import torch
 
 from mmlib import core
 
-__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "grad_cam_layers", "input_gradient", "localisation_scores",
-           "modality_contribution", "occlusion_map", "patch_grid", "upsample_layer_map"]
+__all__ = ["GradCamMap", "OcclusionMap", "grad_cam", "grad_cam_layers", "grid_ceiling", "input_gradient",
+           "localisation_scores", "modality_contribution", "occlusion_map", "patch_grid", "upsample_layer_map"]
 
 Forward = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -295,6 +295,43 @@ def localisation_scores(
         "pointing_game": bool(region[int(np.argmax(cells))]),
         "rank_percentile": rank,
     }
+
+
+def grid_ceiling(grid: Sequence[int], truth_mask: np.ndarray) -> dict[str, Any]:
+    """The best ``ratio`` (:func:`localisation_scores`, per voxel) any map on a layer's grid can reach.
+
+    A map computed on a coarse grid and upsampled to the input (as :func:`grad_cam` does) cannot
+    be sharper than the grid: on a 2 x 2 x 2 grid even a perfect map spreads its mass over an
+    octant. Its ratio to a shuffled map is, in expectation over the shuffles,
+    ``(mass on the truth / total mass) / (truth share of the voxels)``. Upsampling is linear, so for
+    a non-negative map ``a`` on the grid that ratio is an average of the per-cell ratios
+    ``(U^T m)_c / (U^T 1)_c / share`` weighted by ``a_c (U^T 1)_c`` (``U`` the upsampling, ``m`` the
+    mask); the maximum is the map that is one cell, the best one. ``U^T`` is the gradient of the
+    upsampling, taken by autograd.
+
+    Args:
+        grid: the layer's spatial shape, e.g. ``(2, 2, 2)``.
+        truth_mask: (X, Y, Z) bool/0-1 on the input grid, not empty.
+
+    Returns:
+        dict with ``ceiling_ratio`` (the exact best expected ratio; ``1 / share`` when the grid is the
+        input grid and one voxel lies in the truth) and ``best_cell`` (its index on the grid).
+    """
+    m = torch.as_tensor(np.asarray(truth_mask, dtype=np.float64))
+    if not bool(m.any()):
+        raise ValueError("truth_mask is empty: nothing to localise")
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != m.ndim:
+        raise ValueError(f"a {len(grid)}-d grid {grid} does not match a {m.ndim}-d mask {tuple(m.shape)}")
+    cells = torch.zeros(1, 1, *grid, dtype=torch.float64, requires_grad=True)
+    up = _upsample(cells, m.shape)[0, 0]
+    inside = torch.autograd.grad((up * m).sum(), cells, retain_graph=True)[0][0, 0].numpy()  # U^T m
+    total = torch.autograd.grad(up.sum(), cells)[0][0, 0].numpy()  # U^T 1: each cell's mass once upsampled
+    share = float(m.mean())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_cell = np.where(total > 0, inside / total, 0.0) / share
+    best = int(np.argmax(per_cell))
+    return {"ceiling_ratio": float(per_cell.ravel()[best]), "best_cell": tuple(int(i) for i in np.unravel_index(best, grid))}
 
 
 # --------------------------------------------------------------------------- Grad-CAM (P1)

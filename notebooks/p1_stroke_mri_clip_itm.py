@@ -218,6 +218,11 @@ cams.summary
 # stage is followed only by global pooling and a linear head (the image-only model's last stage)
 # the two maps are identical.
 #
+# A coarse grid also caps the score. A map on a 2 x 2 x 2 grid, upsampled, spreads its mass over
+# an octant even when it is perfect. `grid_ceiling` is the best ratio to the shuffled map that any
+# map on the stage's grid could reach on these cases: the best single cell. A ratio near 1 with a
+# ceiling well above it is a miss of the map, not of the grid.
+#
 # A handful of true-positive cases from one seed is a small sample: `make replicate NB=p1` lines
 # up both localisation tables (and the claims) at seeds 0, 1 and 2, so a map that beats its
 # baselines at one seed only shows as such.
@@ -225,7 +230,7 @@ cams.summary
 # %%
 with run.stage("gradcam"):
     stages = p1.gradcam_by_stage(ft, data, prof, cams, device=dev, seed=seed)
-run.table(stages, "gradcam_by_stage", caption="Grad-CAM (positive and negative part) and HiResCAM at every ResNet stage vs shuffled maps and the untrained network, lesions in the outcome region")
+run.table(stages, "gradcam_by_stage", caption="Grad-CAM (positive and negative part) and HiResCAM at every ResNet stage vs shuffled maps and the untrained network, lesions in the outcome region; grid_ceiling: the best ratio any map on the stage's grid could reach")
 print(p1.stage_verdict(stages))
 stages
 

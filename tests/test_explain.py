@@ -6,7 +6,14 @@ import torch
 from scipy.stats import hypergeom
 from torch import nn
 
-from mmlib.explain import localisation_scores, modality_contribution, occlusion_map, patch_grid
+from mmlib.explain import (
+    grid_ceiling,
+    localisation_scores,
+    modality_contribution,
+    occlusion_map,
+    patch_grid,
+    upsample_layer_map,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -291,3 +298,46 @@ def test_localisation_patch_region_is_patches_touching_mask():
     m[5, 5, 5] = True
     assert localisation_scores(a, m, patch=(4, 4, 4), n_random=20)["mass_inside"] == 1.0
     assert localisation_scores(a, m, n_random=20)["mass_inside"] == 0.0
+
+
+# ----------------------------------------------------------------------------- the ceiling of a coarse grid
+
+
+def _expected_ratio(amap: np.ndarray, mask: np.ndarray) -> float:
+    """localisation_scores' ratio with the shuffled maps' exact mean (mass share inside / truth share)."""
+    return float(amap[mask].sum() / amap.sum() / mask.mean())
+
+
+def test_grid_ceiling_is_the_best_one_cell_map_and_no_map_on_the_grid_beats_it():
+    size = (20, 24, 16)
+    mask = np.zeros(size, bool)
+    mask[2:5, 15:19, 9:12] = True
+    mask[14, 3, 4] = True
+    rng = np.random.default_rng(0)
+    for grid in [(2, 2, 2), (3, 3, 2), (5, 6, 4)]:
+        c = grid_ceiling(grid, mask)
+        one = np.zeros(grid, np.float32)
+        one[c["best_cell"]] = 1.0
+        best = upsample_layer_map(one, size).astype(np.float64)
+        assert c["ceiling_ratio"] == pytest.approx(_expected_ratio(best, mask), rel=1e-6)  # attained
+        for _ in range(30):  # and never exceeded: random maps, and each other single cell
+            amap = upsample_layer_map(rng.random(grid).astype(np.float32) ** 4, size).astype(np.float64)
+            assert _expected_ratio(amap, mask) <= c["ceiling_ratio"] * (1 + 1e-6)
+        for cell in np.ndindex(*grid):
+            other = np.zeros(grid, np.float32)
+            other[cell] = 1.0
+            assert _expected_ratio(upsample_layer_map(other, size).astype(np.float64), mask) <= c["ceiling_ratio"] * (1 + 1e-6)
+    # the finer the grid, the higher the ceiling; on the input grid itself it is 1 / (truth share)
+    ceilings = [grid_ceiling(g, mask)["ceiling_ratio"] for g in [(2, 2, 2), (5, 6, 4), (10, 12, 8)]]
+    assert ceilings == sorted(ceilings) and ceilings[0] > 1
+    assert grid_ceiling(size, mask)["ceiling_ratio"] == pytest.approx(1 / mask.mean())
+    # a map that puts its mass on that ceiling scores it under localisation_scores too (shuffles average it)
+    sc = localisation_scores(best, mask, n_random=2000, seed=1)
+    assert sc["ratio"] == pytest.approx(grid_ceiling((5, 6, 4), mask)["ceiling_ratio"], rel=0.1)
+
+
+def test_grid_ceiling_input_errors():
+    with pytest.raises(ValueError, match="empty"):
+        grid_ceiling((2, 2, 2), np.zeros((8, 8, 8), bool))
+    with pytest.raises(ValueError, match="does not match"):
+        grid_ceiling((2, 2), np.ones((8, 8, 8), bool))

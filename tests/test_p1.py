@@ -278,6 +278,13 @@ def test_gradcam_by_stage_scores_both_signs_at_every_stage():
     assert list(table["map"]) == list(p1.STAGE_MAPS) * len(p1.RESNET_STAGES)
     assert dict(zip(table["stage"], table["grid"])) == grids
     assert (table["cases"] == 3).all()
+    # what a perfect map on each stage's grid could reach, for the same cases: finer grids allow more
+    for st, g in grids.items():
+        want = np.mean([p1.grid_ceiling(tuple(map(int, g.split("x"))), data.truth[r].numpy())["ceiling_ratio"]
+                        for r in (8, 9, 10)])
+        assert table.loc[table["stage"] == st, "grid_ceiling"].tolist() == pytest.approx([want] * len(p1.STAGE_MAPS))
+    per_stage = table.drop_duplicates("stage").set_index("stage")["grid_ceiling"]
+    assert per_stage["layer1"] > per_stage["layer4"] > 1
 
     cols = ["mass_in_lesions", "ratio_to_random", "above_random_p95", "pointing_game"]
     pos, neg = (t.set_index(["stage", "map"]) for t in (table, flipped))
@@ -322,6 +329,7 @@ def test_gradcam_by_stage_scores_both_signs_at_every_stage():
     assert "- Grad-CAM: beats both baselines at layer2 (" in text
     assert "- Grad-CAM, negative part: beats both baselines at no stage" in text
     assert "- HiResCAM: beats both baselines at no stage" in text
+    assert f"layer4 ({grids['layer4']}) {per_stage['layer4']:.2f}x" in text  # the ceilings, for scale
 
 
 def test_fast_option_keeps_the_function_and_the_checkpoint_keys():

@@ -39,6 +39,7 @@ from mmlib.data import Cohort
 from mmlib.explain import (
     grad_cam,
     grad_cam_layers,
+    grid_ceiling,
     input_gradient,
     localisation_scores,
     occlusion_map,
@@ -857,13 +858,16 @@ def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCam
       its own gradient instead of the grid's average, so it keeps what raises the logit where it
       does so.
 
-    Returns one row per method, stage and map, with the stage's ``grid``.
+    Returns one row per method, stage and map, with the stage's ``grid`` and ``grid_ceiling``: the
+    mean over the cases of the best ratio to the shuffled map that any map on that grid could reach
+    (:func:`~mmlib.explain.grid_ceiling`; a map that is one cell, the best one, upsampled), so
+    ``ratio_to_random`` reads against what the grid allows.
     """
     none = pd.DataFrame({"note": ["no truth masks or no true-positive test case with a planted lesion"]})
     if data.truth is None or not any(cams.cases.values()):
         return none
     truth = "lesions in the outcome region"
-    rows, grids = [], {}
+    rows, grids, ceilings = [], {}, []
     for method, cases in cams.cases.items():
         nets = {"trained": ft.models[method].to(device),
                 "untrained": untrained_classifier(method, data, prof, seed=seed).to(device)}
@@ -880,6 +884,9 @@ def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCam
                 for stage in stages:
                     signed, hires = maps[(stage, "mean")].layer_cam, maps[(stage, "elementwise")].layer_cam
                     grids[stage] = "x".join(str(v) for v in signed.shape)
+                    if weights == "trained":  # the grid and the truth decide it, not the weights
+                        ceilings.append({"method": method, "stage": stage,
+                                         **grid_ceiling(signed.shape, data.truth[r].numpy())})
                     layer_maps = (np.maximum(signed, 0.0), np.maximum(-signed, 0.0), np.maximum(hires, 0.0))
                     for kind, part in zip(STAGE_MAPS, layer_maps):
                         amap = np.maximum(upsample_layer_map(part, size), 0.0)  # each part upsampled as Grad-CAM does
@@ -893,6 +900,8 @@ def gradcam_by_stage(ft: FineTuned, data: P1Data, prof: P1Profile, cams: GradCam
     summary.insert(1, "stage", parts[1])
     summary.insert(2, "grid", parts[1].map(grids))
     summary["map"] = parts[0]
+    ceiling = pd.DataFrame(ceilings).groupby(["method", "stage"], sort=False)["ceiling_ratio"].mean()
+    summary.insert(3, "grid_ceiling", [ceiling[(m, st)] for m, st in zip(summary["method"], summary["stage"])])
     order = {(m, st, k): i for i, (m, st, k) in enumerate(
         (m, st, k) for m in cams.cases for st in stages for k in STAGE_MAPS)}
     key = summary.apply(lambda r: order[(r["method"], r["stage"], r["map"])], axis=1)
@@ -911,6 +920,10 @@ def stage_verdict(stages: pd.DataFrame, method: str = PAPER) -> str:
         lines.append(f"- {kind}: " + (f"beats both baselines at {', '.join(held)}" if held else
                                       f"beats both baselines at no stage (ratio to the shuffled map "
                                       f"{k['ratio_to_random'].min():.2f}x to {k['ratio_to_random'].max():.2f}x)"))
+    if "grid_ceiling" in s:  # what a perfect map on each stage's grid could reach, for scale
+        best = s.drop_duplicates("stage")
+        lines.append("- the best any map on each grid could reach (a perfect one-cell map): " + ", ".join(
+            f"{r.stage} ({r.grid}) {r.grid_ceiling:.2f}x" for r in best.itertuples()))
     return f"{method}, lesions in the outcome region:\n" + "\n".join(lines)
 
 
