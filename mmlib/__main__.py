@@ -6,7 +6,7 @@ Examples::
     python -m mmlib replicate notebooks/p5_umeml_histology_genomics.py --seeds 0 1 2
     python -m mmlib claims results/replicates/seed*/p5_umeml_histology_genomics
     python -m mmlib claims results/replicates/seed*/p1_stroke_mri_clip_itm --table gradcam_by_stage \
-        --key method stage map --verdict verdict --value ratio_to_random
+        --key method stage map --verdict verdict --value ratio_to_random --ceiling grid_ceiling
     python -m mmlib train p2 --profile full
     torchrun --standalone --nproc_per_node=2 -m mmlib train p1 --profile full
     python -m mmlib index results
@@ -76,7 +76,10 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     from mmlib.replicates import claims_by_seed, write_claims_table
 
     try:
-        table = claims_by_seed(args.runs, table=args.table, key=args.key, verdict=args.verdict, value=args.value)
+        if args.ceiling and not args.value:
+            raise ValueError("--ceiling needs --value: the ceiling is shown after the value")
+        table = claims_by_seed(args.runs, table=args.table, key=args.key, verdict=args.verdict, value=args.value,
+                               ceiling=args.ceiling)
         paths = write_claims_table(table, args.out)
     except (FileNotFoundError, ValueError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--key", nargs="+", default=["claim"], help="column(s) naming a row (default: claim)")
     cl.add_argument("--verdict", default="held", help="the verdict column (default: held)")
     cl.add_argument("--value", default=None, help="a column to show beside each verdict, e.g. ratio_to_random")
+    cl.add_argument("--ceiling", default=None, help="a column shown after the value as value / ceiling, e.g. grid_ceiling")
     cl.set_defaults(func=_cmd_claims)
 
     tr = sub.add_parser("train", help="a pipeline's training stages without a notebook (one process or torchrun)")

@@ -50,12 +50,15 @@ class VerdictTable:
         key: the column(s) that name a row.
         verdict: the verdict column.
         value: a column shown beside each verdict (the number the verdict was read from).
+        ceiling: a column shown after the value, ``value / ceiling``: the most the value could
+            reach (P1's ``grid_ceiling``, the best ratio any map on a stage's grid could reach).
     """
 
     table: str
     key: tuple[str, ...]
     verdict: str
     value: str | None = None
+    ceiling: str | None = None
 
 
 #: Every pipeline notebook's claims table.
@@ -95,7 +98,8 @@ class RunClaims:
 
 
 def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, key: Sequence[str] = CLAIM_KEY,
-                    verdict: str = VERDICT_COLUMN, value: str | None = None, missing_ok: bool = False) -> RunClaims:
+                    verdict: str = VERDICT_COLUMN, value: str | None = None, ceiling: str | None = None,
+                    missing_ok: bool = False) -> RunClaims:
     """Read ``run.json`` and one verdict table (by default ``tables/claims.csv``) of one results folder.
 
     Args:
@@ -106,6 +110,8 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
             ahead, but the CI reaches 0" is "partly").
         value: a column shown beside each verdict (numbers to three significant digits), e.g. the
             ratio a verdict was read from.
+        ceiling: a column shown after ``value`` as ``value / ceiling``; a run whose table lacks
+            it (written before the column existed) shows the value alone.
         missing_ok: a run without the table, or whose table lacks the columns (P1 writes a note
             instead of its Grad-CAM summary when a model found no true-positive case), has no
             rows instead of raising.
@@ -148,6 +154,8 @@ def read_run_claims(run_dir: str | os.PathLike, *, table: str = CLAIMS_TABLE, ke
     claims = pd.DataFrame({"row": rows, "verdict": words})
     if value:
         claims["value"] = raw[value]
+        if ceiling and ceiling in raw.columns:
+            claims["ceiling"] = raw[ceiling]
     if "paper reported" in raw.columns:
         claims["paper reported"] = raw["paper reported"]
     repeated = sorted(claims.loc[claims["row"].duplicated(), "row"])
@@ -183,13 +191,13 @@ def _short(text: str) -> str:
 
 def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS_TABLE,
                    key: Sequence[str] = CLAIM_KEY, verdict: str = VERDICT_COLUMN,
-                   value: str | None = None, missing_ok: bool = False) -> pd.DataFrame:
+                   value: str | None = None, ceiling: str | None = None, missing_ok: bool = False) -> pd.DataFrame:
     """The verdict of every claim at every seed, and whether it is the same at all of them.
 
     Args:
         run_dirs: results folders of one notebook (``results/<notebook>``), one per seed.
-        table, key, verdict, value, missing_ok: which table and columns, and whether a run may
-            lack them (see :func:`read_run_claims`); by
+        table, key, verdict, value, ceiling, missing_ok: which table and columns, and whether a
+            run may lack them (see :func:`read_run_claims`); by
             default the claims table and its ``held`` column. Any table with a verdict column
             works, e.g. P1's ``gradcam_localisation_summary`` keyed by method, map and truth.
 
@@ -197,17 +205,19 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS
         One row per claim, in the order of the lowest seed's table (claims that only other
         runs have come after): the key (``claim``), ``paper reported`` (when the notebooks
         write it), ``seed <k>`` with that run's verdict (``"-"`` where the run lacks the row;
-        followed by the ``value`` in brackets when one is asked for), ``verdicts`` (each
+        followed by the ``value`` in brackets when one is asked for, as ``value / ceiling`` with a
+        ``ceiling``), ``verdicts`` (each
         verdict's count, most frequent first) and ``same at every seed`` (``yes``/``no``).
-        ``attrs`` holds ``notebook``, ``table``, ``profile``, ``threads``, ``seeds`` and
-        ``commits`` (seed to commit, ``+dirty`` when the tree had changes).
+        ``attrs`` holds ``notebook``, ``table``, ``profile``, ``threads``, ``seeds``, ``commits``
+        (seed to commit, ``+dirty`` when the tree had changes) and ``bracket`` (what the brackets
+        hold, or None).
 
     Raises:
         ValueError: for fewer than two runs, a repeated seed, or runs that differ in notebook,
             profile or thread count (naming the folders).
     """
-    runs = [read_run_claims(d, table=table, key=key, verdict=verdict, value=value, missing_ok=missing_ok)
-            for d in run_dirs]
+    runs = [read_run_claims(d, table=table, key=key, verdict=verdict, value=value, ceiling=ceiling,
+                            missing_ok=missing_ok) for d in run_dirs]
     if len(runs) < 2:
         raise ValueError(f"need the runs of at least two seeds, got {len(runs)}")
     _same(runs, "notebook", lambda r: r.notebook)
@@ -237,8 +247,10 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS
         verdicts.append([found.get(c, "-") for c in order])
         cells = verdicts[-1]
         if value:
-            shown = dict(zip(r.claims["row"], r.claims["value"], strict=True))
-            cells = [v if c not in shown else f"{v} ({_short(shown[c])})" for c, v in zip(order, cells, strict=True)]
+            shown = {c: _short(x) for c, x in zip(r.claims["row"], r.claims["value"], strict=True)}
+            if "ceiling" in r.claims:
+                shown = {c: f"{x} / {_short(cap)}" for (c, x), cap in zip(shown.items(), r.claims["ceiling"], strict=True)}
+            cells = [v if c not in shown else f"{v} ({shown[c]})" for c, v in zip(order, cells, strict=True)]
         out[f"seed {r.seed}"] = cells
     counts = [Counter(row) for row in zip(*verdicts, strict=True)]
     out["verdicts"] = [", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -246,6 +258,7 @@ def claims_by_seed(run_dirs: Sequence[str | os.PathLike], *, table: str = CLAIMS
     out["same at every seed"] = ["yes" if len(c) == 1 else "no" for c in counts]
     out.attrs.update(notebook=runs[0].notebook, table=table, profile=runs[0].profile.get("name"),
                      threads=runs[0].threads, seeds=[r.seed for r in runs],
+                     bracket=None if not value else f"{value} / {ceiling}" if ceiling else value,
                      commits={r.seed: (r.commit or "unknown") + ("+dirty" if r.dirty else "") for r in runs})
     return out
 
@@ -261,9 +274,10 @@ def claims_caption(table: pd.DataFrame) -> str:
     stable = int(((table["same at every seed"] == "yes") & tested).sum())
     what = "claims" if a["table"] == CLAIMS_TABLE else f"rows of {a['table']}"
     untested = f" ({len(table) - int(tested.sum())} not tested at any seed)" if not tested.all() else ""
+    bracket = f" (in brackets: {a['bracket']})" if a.get("bracket") else ""
     return (f"{a['notebook']}, profile {a['profile']}, {a['threads'] or 'default'} thread(s), seeds "
             f"{', '.join(map(str, a['seeds']))} ({commit_text}): the verdict of each row of {a['table']} at every "
-            f"seed. {stable} of {int(tested.sum())} tested {what} reach the same verdict at every seed{untested}.")
+            f"seed{bracket}. {stable} of {int(tested.sum())} tested {what} reach the same verdict at every seed{untested}.")
 
 
 def write_claims_table(table: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -432,7 +446,7 @@ def replicate(notebook: str | os.PathLike, seeds: Sequence[int], results_dir: st
     for vt in verdict_tables(notebook.stem):
         optional = vt != CLAIMS
         table = claims_by_seed(dirs, table=vt.table, key=vt.key, verdict=vt.verdict, value=vt.value,
-                               missing_ok=optional)
+                               ceiling=vt.ceiling, missing_ok=optional)
         if optional and table.empty:
             log.warning("%s: no run wrote the table %r with columns %s", notebook.stem, vt.table, vt.key)
             continue

@@ -125,6 +125,36 @@ def test_any_verdict_table_keyed_by_several_columns_with_a_value_beside_each_ver
     assert (out / "pX_demo_stages_by_seed.md").is_file()
     assert main(["claims", *dirs, "--table", "stages", "--key", "method", "--verdict", "verdict"]) == 2
     assert "method repeats ['CLIP']" in capsys.readouterr().err
+    assert main(["claims", *dirs, "--table", "stages", "--key", "method", "map", "--verdict", "verdict",
+                 "--ceiling", "grid_ceiling"]) == 2
+    assert "--ceiling needs --value" in capsys.readouterr().err
+
+
+def test_a_ceiling_is_shown_after_each_value_and_a_run_without_the_column_shows_the_value_alone(tmp_path, capsys):
+    dirs = []
+    for seed, ceiling in enumerate([("2.2134", "7.21"), ("2.33", "7.64"), None]):
+        d = _run_dir(tmp_path, seed, {"A": "yes"})
+        stages = pd.DataFrame({"method": ["CLIP", "CLIP"], "stage": ["layer4", "layer3"], "verdict": ["no", "yes"],
+                               "ratio_to_random": [f"1.0{seed}", f"3.{seed}"]})
+        if ceiling:  # the third run predates the column
+            stages["grid_ceiling"] = list(ceiling)
+        stages.to_csv(d / "tables" / "stages.csv", index=False)
+        dirs.append(str(d))
+    t = replicates.claims_by_seed(dirs, table="stages", key=["method", "stage"], verdict="verdict",
+                                  value="ratio_to_random", ceiling="grid_ceiling")
+    rows = t.set_index("method · stage")
+    assert rows.loc["CLIP · layer4", ["seed 0", "seed 1", "seed 2"]].tolist() == [
+        "no (1 / 2.21)", "no (1.01 / 2.33)", "no (1.02)"]
+    assert rows.loc["CLIP · layer3", ["seed 0", "seed 1"]].tolist() == ["yes (3 / 7.21)", "yes (3.1 / 7.64)"]
+    assert "(in brackets: ratio_to_random / grid_ceiling)" in replicates.claims_caption(t)
+    plain = replicates.claims_by_seed(dirs, table="stages", key=["method", "stage"], verdict="verdict",
+                                      value="ratio_to_random")
+    assert plain["seed 0"].tolist() == ["no (1)", "yes (3)"]
+    assert "(in brackets: ratio_to_random)" in replicates.claims_caption(plain)
+    out = tmp_path / "out"
+    assert main(["claims", *dirs, "--out", str(out), "--table", "stages", "--key", "method", "stage",
+                 "--verdict", "verdict", "--value", "ratio_to_random", "--ceiling", "grid_ceiling"]) == 0
+    assert "no (1.01 / 2.33)" in (out / "pX_demo_stages_by_seed.md").read_text()
 
 
 def test_a_pipeline_declares_its_other_verdict_tables_and_a_run_may_lack_them(tmp_path):

@@ -837,7 +837,7 @@ STAGE_MAPS = ("Grad-CAM", "Grad-CAM, negative part", "HiResCAM")
 #: (:mod:`mmlib.replicates`): does each map localise the planted lesions, seed after seed?
 VERDICT_TABLES = (
     VerdictTable("gradcam_localisation_summary", ("method", "map", "truth"), "verdict", "ratio_to_random"),
-    VerdictTable("gradcam_by_stage", ("method", "stage", "map"), "verdict", "ratio_to_random"),
+    VerdictTable("gradcam_by_stage", ("method", "stage", "map"), "verdict", "ratio_to_random", "grid_ceiling"),
 )
 
 
