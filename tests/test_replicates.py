@@ -157,6 +157,25 @@ def test_a_ceiling_is_shown_after_each_value_and_a_run_without_the_column_shows_
     assert "no (1.01 / 2.33)" in (out / "pX_demo_stages_by_seed.md").read_text()
 
 
+def test_replicate_shows_the_ceiling_a_pipeline_declares(tmp_path, monkeypatch):
+    nb = tmp_path / "notebooks" / "pX_demo.py"
+    nb.parent.mkdir()
+    nb.write_text('run.table(claims, "claims")\n')
+    monkeypatch.setattr(replicates, "git_commit", lambda: {"commit": "a" * 40, "dirty": False})
+    declared = replicates.VerdictTable("stages", ("stage",), "verdict", "ratio_to_random", "grid_ceiling")
+    monkeypatch.setattr(replicates, "verdict_tables", lambda notebook: [replicates.CLAIMS, declared])
+
+    def fake_run(notebook, root, *, seed, **kw):
+        d = _run_dir(Path(root).parent, seed, {"A": "yes"})
+        pd.DataFrame({"stage": ["layer4"], "verdict": ["no"], "ratio_to_random": [f"0.{seed + 5}"],
+                      "grid_ceiling": ["2.3"]}).to_csv(d / "tables" / "stages.csv", index=False)
+        return d
+
+    monkeypatch.setattr("mmlib.runner.run_notebook", fake_run)
+    tables = replicates.replicate(nb, [0, 1], tmp_path / "reps", threads=2)
+    assert tables["stages"].loc[0, ["seed 0", "seed 1"]].tolist() == ["no (0.5 / 2.3)", "no (0.6 / 2.3)"]
+
+
 def test_a_pipeline_declares_its_other_verdict_tables_and_a_run_may_lack_them(tmp_path):
     from mmlib.pipelines import p1
 
