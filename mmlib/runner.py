@@ -147,6 +147,26 @@ def render_html(nb_path: Path, html_path: Path) -> None:
     atomic_write_text(html_path, body)
 
 
+@contextlib.contextmanager
+def _kernel_sockets() -> Iterator[Any]:
+    """Kernel-manager config: the kernel talks to the runner over Unix sockets in a private folder.
+
+    Jupyter's default is TCP on localhost, unencrypted, which the kernel warns about at every
+    start: any user of a shared machine (a cluster's login or compute node) can connect to the
+    ports. IPC sockets live in a folder only this user can enter (``mkdtemp`` makes it 0700)
+    and are removed with it. Windows has no IPC transport, so it keeps TCP.
+    """
+    import tempfile
+
+    from traitlets.config import Config
+
+    if os.name == "nt":
+        yield Config()
+        return
+    with tempfile.TemporaryDirectory(prefix="mmlib-kernel-") as folder:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
+
+
 def run_notebook(
     path: str | Path,
     results_dir: str | Path,
@@ -233,7 +253,7 @@ def run_notebook(
     try:
         # The kernel inherits these variables (set for the call only). Progress bars would only
         # leave redraw debris in the executed notebook; mmlib.core.progress honours MMLIB_PROGRESS.
-        with _environ(**env):
+        with _environ(**env), _kernel_sockets() as config:
             papermill.execute_notebook(
                 str(src_ipynb),
                 str(out_ipynb),
@@ -242,6 +262,7 @@ def run_notebook(
                 cwd=str(path.parent),
                 progress_bar=progress_bar,
                 execution_timeout=timeout_s,
+                config=config,
             )
     except Exception as err:  # papermill raises PapermillExecutionError, or kernel errors
         error = err

@@ -1,6 +1,7 @@
 """Notebooks: structure, headless execution at the smoke profile, failures, determinism."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import pytest
 
 from mmlib import runner
@@ -213,6 +215,32 @@ def test_threads_reach_the_kernel_and_are_recorded(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             runner.run_notebook(path, tmp_path / "results", profile="smoke", threads=bad)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows has no IPC transport; the runner keeps TCP there")
+def test_the_kernel_talks_to_the_runner_over_private_unix_sockets(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    path = _write_notebook(nbdir, "sockets", """
+        # %%
+        import os, stat
+        from ipykernel.kernelapp import IPKernelApp
+        from mmlib import results
+        run = results.Run(out_dir, notebook="sockets", params={"profile": profile})
+        # %%
+        import pandas as pd
+        app = IPKernelApp.instance()
+        folder = os.path.dirname(app.ip)
+        sockets = sorted(f for f in os.listdir(folder) if stat.S_ISSOCK(os.stat(os.path.join(folder, f)).st_mode))
+        run.table(pd.DataFrame({"transport": [app.transport], "folder": [folder], "sockets": [len(sockets)],
+                                "mode": [oct(os.stat(folder).st_mode & 0o777)]}), "t")
+        run.finish()
+    """)
+    final = runner.run_notebook(path, tmp_path / "results", profile="smoke")
+    t = pd.read_csv(final / "tables" / "t.csv", dtype=str)
+    assert t.loc[0, "transport"] == "ipc" and int(t.loc[0, "sockets"]) >= 5  # shell, iopub, stdin, control, hb
+    assert t.loc[0, "mode"] == "0o700"  # only this user may connect
+    assert not Path(t.loc[0, "folder"]).exists()  # removed with the run
 
 
 def test_cli_list_selects_by_prefix():
