@@ -140,6 +140,18 @@ def _lps_volume(path, *, shape=(20, 16, 10), value=2000.0):
     return vol, affine, mpath
 
 
+def test_volume_transforms_are_built_without_monais_gpu_dicom_reader_noise(caplog):
+    import logging
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        volume_transforms(kind="mri", spacing_mm=(4, 4, 4), spatial_size=(8, 8, 8))
+    assert not [w for w in caught if "NvImgCodec" in str(w.message)]
+    assert "nvImageCodec" not in caplog.text
+    assert logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").level == logging.NOTSET  # put back
+
+
 def test_volume_transforms_orientation_spacing_and_hu_window(tmp_path):
     path = tmp_path / "ct.nii.gz"
     vol, affine, mpath = _lps_volume(path)

@@ -49,6 +49,28 @@ STANDARD_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", 
 # --------------------------------------------------------------------------- volumes
 
 
+def _nifti_loader(mt: Any, keys: list[str]) -> Any:
+    """``LoadImaged`` with nibabel, quietly.
+
+    MONAI 1.6 instantiates every default reader, even with an explicit one. Its GPU DICOM reader
+    then logs "nvImageCodec is not available" and warns that its plugin did not register, in
+    every process and notebook. Neither reader is used here (volumes are NIfTI, read by
+    nibabel), so those two messages are silenced while the loader is built, and nothing else.
+    """
+    import logging
+    import warnings
+
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            return mt.LoadImaged(keys=keys, reader="NibabelReader", image_only=True)
+    finally:
+        plugin_log.setLevel(level)
+
+
 def volume_transforms(
     *,
     kind: Literal["mri", "ct"],
@@ -123,7 +145,7 @@ def volume_transforms(
     every = keys + mask_keys
 
     chain: list[Any] = [
-        mt.LoadImaged(keys=every, reader="NibabelReader", image_only=True),
+        _nifti_loader(mt, every),
         mt.EnsureChannelFirstd(keys=every),
         # explicit nibabel/NIfTI labels (L->R, P->A, I->S); MONAI warns that its default will change
         mt.Orientationd(keys=every, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
