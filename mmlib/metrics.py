@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -474,18 +475,27 @@ def integrated_brier(
 def _bootstrap_values(
     metric: Callable[..., float], arrays: tuple[np.ndarray, ...], *, n_boot: int, seed: int, desc: str | None
 ) -> list[float]:
-    """Finite values of ``metric`` on ``n_boot`` subject resamples (undefined ones skipped)."""
+    """Finite values of ``metric`` on ``n_boot`` subject resamples (undefined ones skipped).
+
+    A resample of a small test set may hold one class only. scikit-learn then warns that ROC AUC
+    is undefined and returns NaN. That resample is skipped, as documented, so the warning (one
+    per resample) is silenced here; on the full arrays it still shows.
+    """
+    from sklearn.exceptions import UndefinedMetricWarning
+
     n = len(arrays[0])
     rng = np.random.default_rng(seed)
     values = []
-    for _ in core.progress(range(n_boot), desc=desc, disable=desc is None, leave=False):
-        idx = rng.integers(0, n, n)
-        try:
-            v = float(metric(*(a[idx] for a in arrays)))
-        except (ValueError, ZeroDivisionError):
-            continue
-        if np.isfinite(v):
-            values.append(v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        for _ in core.progress(range(n_boot), desc=desc, disable=desc is None, leave=False):
+            idx = rng.integers(0, n, n)
+            try:
+                v = float(metric(*(a[idx] for a in arrays)))
+            except (ValueError, ZeroDivisionError):
+                continue
+            if np.isfinite(v):
+                values.append(v)
     return values
 
 

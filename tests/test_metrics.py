@@ -56,6 +56,24 @@ def test_bootstrap_ci_skips_undefined_resamples_and_checks_input():
         metrics.bootstrap_ci(lambda a: float("nan"), np.ones(3), n_boot=5)
 
 
+def test_single_class_resamples_of_roc_auc_are_skipped_quietly_and_a_single_class_set_still_warns():
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_auc_score
+
+    y, score = np.array([0, 0, 0, 0, 1]), np.array([0.1, 0.3, 0.2, 0.4, 0.9])  # 1 - 0.8**5 = 33% of resamples lack the 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est, lo, hi = metrics.bootstrap_ci(roc_auc_score, y, score, n_boot=100, seed=0)
+        paired = metrics.paired_bootstrap_diff(lambda t, s: roc_auc_score(t, s), score, score[::-1], y, n_boot=100)
+    assert est == 1.0 and lo == hi == 1.0 and np.isfinite(paired["estimate"])
+    assert not [w for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    # the full set has one class: the reader must hear of it
+    with pytest.warns(UndefinedMetricWarning), pytest.raises(ValueError, match="every bootstrap"):
+        metrics.bootstrap_ci(roc_auc_score, y[:4], score[:4], n_boot=5)
+
+
 def test_macro_ovr_auc_matches_sklearn_and_handles_a_missing_class():
     from sklearn.metrics import roc_auc_score
 
