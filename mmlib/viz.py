@@ -93,7 +93,8 @@ def orthogonal_slices(
         ("sagittal (from the left)", lambda v: v[i, :, :].T, sz / sy),
     ]
     rows = 1 + len(maps)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3.0 * rows), squeeze=False)
+    # constrained layout leaves room for the title above the column titles (tight_layout does not)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3.0 * rows), squeeze=False, layout="constrained")
     for c, (name, cut, aspect) in enumerate(views):
         for r in range(rows):
             ax = axes[r, c]
@@ -112,10 +113,9 @@ def orthogonal_slices(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=9)
-    if c == 2:
-        axes[0, 2].invert_xaxis()  # sagittal seen from the left: anterior to the left
+            if c == 2:
+                ax.invert_xaxis()  # sagittal seen from the left: anterior to the left, in every row
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
