@@ -13,8 +13,8 @@ __all__ = ["loss_curves", "orthogonal_slices", "parameter_schedule", "stacked_sh
 
 
 def loss_curves(history: pd.DataFrame, *, group: str, title: str, ylabel: str, logy: bool = False) -> plt.Figure:
-    """Train (solid) and validation (dashed) loss per epoch, one colour per ``group`` value."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    """Train (solid) and validation (dashed) loss per epoch, one colour per ``group`` value (legend beside the plot)."""
+    fig, ax = plt.subplots(figsize=(8.0, 3.8), layout="constrained")
     palette = sns.color_palette("colorblind", history[group].nunique())
     for color, (name, h) in zip(palette, history.groupby(group, sort=False)):
         ax.plot(h["epoch"] + 1, h["train_loss"], color=color, label=f"{name} train")
@@ -24,8 +24,7 @@ def loss_curves(history: pd.DataFrame, *, group: str, title: str, ylabel: str, l
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the curves
     return fig
 
 
@@ -39,7 +38,8 @@ def parameter_schedule(schedules: Mapping[str, pd.DataFrame], boundaries: Sequen
         ax.text((a + b) / 2, 1.0, f"stage {i + 1}", ha="center", va="bottom", transform=ax.get_xaxis_transform(), fontsize=8)
     for color, (name, s) in zip(sns.color_palette("colorblind", len(schedules)), schedules.items()):
         ax.step(s["epoch"], s["trainable"] / 1e6, where="post", color=color, label=name)
-    ax.set(xlabel="epoch", ylabel="trainable parameters (M)", title=title, xlim=(0, total))
+    ax.set(xlabel="epoch", ylabel="trainable parameters (M)", xlim=(0, total))
+    ax.set_title(title, pad=16)  # above the stage labels
     ax.legend(frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()
     return fig
@@ -115,6 +115,9 @@ def orthogonal_slices(
                 ax.set_title(name, fontsize=9)
             if c == 2:
                 ax.invert_xaxis()  # sagittal seen from the left: anterior to the left, in every row
+    if maps:  # each map is drawn relative to its own maximum: one scale for all of them
+        scale = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap="inferno")
+        fig.colorbar(scale, ax=axes[1:, :], shrink=0.5, aspect=30, label="map / its maximum")
     fig.suptitle(title, fontsize=10)
     return fig
 

@@ -23,7 +23,7 @@ def slices_figure():
 
 
 def test_every_sagittal_panel_shows_anterior_on_the_same_side(slices_figure):
-    axes = np.array(slices_figure.axes).reshape(-1, 3)
+    axes = np.array([ax for ax in slices_figure.axes if ax.get_label() != "<colorbar>"]).reshape(-1, 3)
     assert len(axes) == 9
     for row in axes:
         sagittal = row[2]
@@ -40,3 +40,38 @@ def test_the_title_sits_above_the_column_titles(slices_figure):
     for ax in fig.axes[:3]:
         column = ax.title.get_window_extent(renderer)
         assert title.y0 >= column.y1 - 0.5, (ax.get_title(), title, column)  # display y grows upwards
+
+
+def test_the_maps_carry_one_colour_bar_that_says_each_is_scaled_to_its_maximum(slices_figure):
+    bars = [ax for ax in slices_figure.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "map / its maximum"
+
+
+def _extent(artist, fig):
+    fig.canvas.draw()
+    return artist.get_window_extent(fig.canvas.get_renderer())
+
+
+def test_the_loss_legend_sits_beside_the_curves_not_on_them():
+    import pandas as pd
+
+    h = pd.DataFrame({"objective": np.repeat([f"objective {k}" for k in range(5)], 10), "epoch": np.tile(range(10), 5),
+                      "train_loss": np.linspace(3, 1, 50), "val_loss": np.linspace(3.1, 1.2, 50)})
+    fig = viz.loss_curves(h, group="objective", title="Pretraining loss", ylabel="loss")
+    ax = fig.axes[0]
+    assert _extent(ax.get_legend(), fig).x0 >= _extent(ax.patch, fig).x1  # right of the data area
+    assert _extent(ax.get_legend(), fig).x1 <= fig.bbox.x1 + 0.5  # and not cut off
+    plt.close(fig)
+
+
+def test_the_schedule_title_sits_above_the_stage_labels():
+    import pandas as pd
+
+    s = {name: pd.DataFrame({"epoch": range(25), "trainable": np.minimum(np.arange(25) // 5 + 1, 4) * 1e6})
+         for name in ("from scratch", "pretrained progressive")}
+    fig = viz.parameter_schedule(s, [5, 10, 15], title="Progressive unfreezing (25 epochs)")
+    ax = fig.axes[0]
+    stages = [t for t in ax.texts if t.get_text().startswith("stage")]
+    assert len(stages) == 4
+    assert _extent(ax.title, fig).y0 >= max(_extent(t, fig).y1 for t in stages) - 0.5
+    plt.close(fig)
