@@ -158,6 +158,10 @@ def test_effects_absent_when_switched_off(no_image, no_tabular):
 def test_tour_figures(geometry):
     figs = tour_figures(geometry)
     assert set(figs) == {"cta_mip", "bifurcation_slice", "km_by_severity"}
+    km = figs["km_by_severity"].axes[0]
+    curves = [line for line in km.get_lines() if "tertile" in str(line.get_label())]
+    assert curves and all(tuple(c.get_xydata()[0]) == (0.0, 1.0) for c in curves)  # every curve starts at t = 0, S = 1
+    assert km.collections  # with its confidence band
     for fig in figs.values():
         assert fig.axes and fig.get_size_inches()[0] >= 9
         plt.close(fig)

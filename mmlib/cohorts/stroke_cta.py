@@ -682,7 +682,7 @@ def tour_figures(cohort) -> dict[str, Any]:
     """
     import matplotlib.pyplot as plt
     import nibabel as nib
-    from sksurv.nonparametric import kaplan_meier_estimator
+    from mmlib.viz import km_curves
 
     lat = cohort.latents().set_index("subject_id")
     subj = cohort.subjects.set_index("subject_id")
@@ -739,15 +739,13 @@ def tour_figures(cohort) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
     df = subj.join(lat[["severity_pct"]])
     groups = pd.qcut(df["severity_pct"], 3, labels=["low", "middle", "high"])
-    for name in ["low", "middle", "high"]:
-        g = df[groups == name]
-        t, s = kaplan_meier_estimator(g["relapse"].astype(bool).to_numpy(), g["rfs_days"].to_numpy(float))
-        ax.step(t, s, where="post", label=f"{name} severity tertile (n = {len(g)}, {int(g['relapse'].sum())} relapses)")
-    ax.axvline(KAPPA_DAYS, color="grey", ls="--", lw=1, label=f"kappa = {KAPPA_DAYS} d")
-    ax.set_xlabel("days since the index stroke")
-    ax.set_ylabel("relapse-free probability (Kaplan-Meier)")
+    km_curves(ax, [(f"{name} severity tertile", df.loc[groups == name, "relapse"], df.loc[groups == name, "rfs_days"],
+                    color) for name, color in zip(["low", "middle", "high"], ["C0", "C1", "C2"])],
+              title="Relapse-free survival by tertile of the planted plaque severity",
+              xlabel="days since the index stroke", ylabel="relapse-free probability (Kaplan-Meier, 95% CI)")
+    ax.axvline(KAPPA_DAYS, color="grey", ls="--", lw=1,
+               label=f"κ = {KAPPA_DAYS} d: a relapse before it is a positive case (P2's rule)")
     ax.set_ylim(0, 1.02)
-    ax.set_title("Relapse-free survival by tertile of the planted plaque severity")
     ax.legend(loc="lower left")
     figs["km_by_severity"] = fig
     return figs
