@@ -159,6 +159,12 @@ def test_knob_checks():
 def test_tour_figures(smoke):
     figs = tour_figures(smoke)
     assert set(figs) == {"ct_slices", "ehr_timelines", "code_frequency_by_site", "kaplan_meier"}
+    timelines = figs["ehr_timelines"]
+    timelines.canvas.draw()
+    renderer = timelines.canvas.get_renderer()
+    legend = timelines.legends[0].get_window_extent(renderer)  # one legend, off every panel (inside, it hid events)
+    assert all(ax.get_legend() is None for ax in timelines.axes)
+    assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in timelines.axes if ax.axison)
     for fig in figs.values():
         assert fig.get_size_inches()[0] * fig.dpi >= 1400 or fig.get_size_inches()[0] >= 14
         panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.axison]

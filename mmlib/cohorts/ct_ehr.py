@@ -799,8 +799,10 @@ def _fig_timelines(df: pd.DataFrame, ev: pd.DataFrame, desc: dict[str, str]):
         ax.set_xlabel("days before the index CT")
         ax.set_title(f"{row['subject_id']} ({site}): state z_ehr = {row['z_ehr']:+.2f}, "
                      f"{'died' if row['event'] else 'censored'} at day {row['time_days']}", fontsize=10)
-        ax.legend(loc="lower left", fontsize=8, title="code system")
         ax.grid(axis="x", alpha=0.3)
+    # one legend for the four panels, below them: inside a panel it hid events
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=system) for system, c in colors.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), title="code system")
     fig.suptitle("EHR histories: the 30 most recorded codes of a low- and a high-state subject per site", fontsize=13)
     return fig
 
