@@ -539,3 +539,17 @@ def test_real_data_path_without_truth_or_masks(cohort, data, trained):
     claims = p3.claims_table(classification, retrieval, ablations, p3.text_parameter_table(SMOKE), None)
     assert "attention maps show where the findings are" not in set(claims["claim"])
     assert "attention dropping (DropKey) helps" in set(claims["claim"])
+
+
+def test_classification_figure_keeps_its_legend_off_the_bars():
+    import matplotlib.pyplot as plt
+
+    fig = p3.classification_figure(_classification(0.9))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert not legend.get_window_extent(renderer).overlaps(ax.patch.get_window_extent(renderer))
+    assert legend.get_window_extent(renderer).y0 >= fig.bbox.y0 - 0.5  # and not cut off
+    assert any("95% bootstrap CI" in t.get_text() for t in legend.get_texts())  # the error bars are named
+    plt.close(fig)

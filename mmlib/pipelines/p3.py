@@ -1230,7 +1230,7 @@ def classification_figure(table: pd.DataFrame, paper_range: tuple[float, float] 
     with the paper's reported range shaded."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 4.4))
+    fig, ax = plt.subplots(figsize=(12, 4.8), layout="constrained")
     x = np.arange(len(table))
     ax.axhspan(*paper_range, color="0.9", zorder=0, label=f"paper reported range {paper_range[0]}-{paper_range[1]}")
     ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
@@ -1239,7 +1239,8 @@ def classification_figure(table: pd.DataFrame, paper_range: tuple[float, float] 
                                        ("supervised from scratch", "tab:green"))):
         if col not in table:
             continue
-        ax.bar(x + (k - 1) * width, table[col], width, color=colour, label=col)
+        label = f"{col} (black: 95% bootstrap CI)" if col == "zero-shot" and "zero-shot 95% lo" in table else col
+        ax.bar(x + (k - 1) * width, table[col], width, color=colour, label=label)
     if "zero-shot 95% lo" in table:
         ax.errorbar(x - width, table["zero-shot"], yerr=[table["zero-shot"] - table["zero-shot 95% lo"],
                                                           table["zero-shot 95% hi"] - table["zero-shot"]],
@@ -1247,8 +1248,7 @@ def classification_figure(table: pd.DataFrame, paper_range: tuple[float, float] 
     ax.set_xticks(x, [f"{c}\n({m.replace('xray', 'X-ray').replace('ecg', 'ECG')})"
                       for c, m in zip(table["class"], table["modality"])], fontsize=8)
     ax.set(ylim=(0, 1.02), ylabel="AUROC (test split)", title="Zero-shot vs linear probe vs supervised from scratch")
-    ax.legend(fontsize=8, loc="lower right", ncol=2)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)  # off the bars
     return fig
 
 
