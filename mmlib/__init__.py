@@ -11,7 +11,14 @@ Layers (each imports only from layers below it)::
     mmlib.core          device, precision, seeding, profiles, logging, progress bars
 """
 
+import warnings as _warnings
 from importlib import metadata as _metadata
+
+# tqdm.auto, imported by MONAI's and transformers' modules inside a Jupyter kernel, warns
+# "IProgress not found. Please update jupyter and ipywidgets" and falls back to a text bar. The
+# notebooks' bars are text bars by design (mmlib.core.progress; off under `make reproduce`),
+# so the advice is noise in every executed notebook.
+_warnings.filterwarnings("ignore", message="IProgress not found")
 
 try:
     __version__ = _metadata.version("mmlib")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,19 @@ def test_notebook_executes_at_smoke_profile(path, tmp_path):
     for table in final.glob("tables/*.csv"):
         header = table.read_text(encoding="utf-8").splitlines()[0].split(",")
         assert "seconds" not in header, f"{table.name} writes wall-clock seconds"
+    # a reader sees what the kernel wrote to stderr: a Python warning there is noise to silence or a bug to fix
+    assert not _warnings_in(final / f"{path.stem}.ipynb")
+
+
+def _warnings_in(ipynb: Path) -> list[str]:
+    """``file:line: SomethingWarning: message`` lines in a notebook's stderr outputs, with their cell."""
+    found = []
+    for i, cell in enumerate(nbformat.read(ipynb, as_version=4).cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                found += [f"cell {i}: {line}" for line in out["text"].splitlines()
+                          if re.search(r":\d+: \w*Warning: ", line)]
+    return found
 
 
 _GOOD = """

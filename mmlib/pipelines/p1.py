@@ -288,7 +288,7 @@ def load_data(cohort: Cohort, prof: P1Profile) -> P1Data:
             masks.append(torch.as_tensor(item["mask"]).as_subclass(torch.Tensor)[0] > 0)
         ids.append(str(item["subject_id"]))
     order = {s: i for i, s in enumerate(ids)}
-    keep = t["subject_id"].isin(order).to_numpy()
+    keep = t["subject_id"].isin(order).to_numpy(copy=True)  # writable: pandas 3 hands out read-only views
     t = t[keep].reset_index(drop=True)
     pos = torch.as_tensor([order[s] for s in t["subject_id"]])
     truth = lesions = None
@@ -695,7 +695,9 @@ def umap_figure(pre: Pretrained, data: P1Data, *, device: torch.device, seed: in
     for ax, (title, clip) in zip(axes, [("before pretraining", pre.init), ("after CLIP + ITM pretraining",
                                                                             pre.models["clip_itm"])]):
         zi, zt = embeddings(clip, data, idx, device=device)
-        xy = umap.UMAP(n_neighbors=15, min_dist=0.3, random_state=seed, n_jobs=1).fit_transform(np.vstack([zi, zt]))
+        points = np.vstack([zi, zt])  # UMAP's default 15 neighbours, fewer on a smaller set (as UMAP would, silently)
+        xy = umap.UMAP(n_neighbors=min(15, len(points) - 1), min_dist=0.3, random_state=seed,
+                       n_jobs=1).fit_transform(points)
         a, b = xy[: len(idx)], xy[len(idx):]
         for p, q in zip(a, b):
             ax.plot([p[0], q[0]], [p[1], q[1]], color="0.8", lw=0.5, zorder=0)
