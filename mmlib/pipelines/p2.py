@@ -695,13 +695,13 @@ def reconstruction_figure(pre: Pretrained, data: P2Data, *, seed: int = 0):
             dev = next(m.parameters()).device
             panels[kind] = m(corrupted.to(dev)).float().cpu().clamp(0, 1)
     sx, _, sz = data.spacing_mm
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.8, 3.6), layout="constrained")
     for ax, (name, vol) in zip(axes, panels.items()):
-        ax.imshow(vol[0, 0].numpy().max(axis=1).T, cmap="gray", origin="lower", aspect=sz / sx, vmin=0, vmax=1)
+        im = ax.imshow(vol[0, 0].numpy().max(axis=1).T, cmap="gray", origin="lower", aspect=sz / sx, vmin=0, vmax=1)
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
+    fig.colorbar(im, ax=axes, shrink=0.8, label="model input (the HU window mapped to 0-1)")  # one scale for all
     fig.suptitle(f"{data.table['subject_id'].iloc[row]} (pretraining validation), coronal MIP", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
