@@ -221,3 +221,22 @@ def test_claims_follow_the_numbers(both_trained):
     summary = p4.sweep_summary(_sweep(0.04, 0.0, -0.03))
     assert summary.loc[(summary["image share"] == 0.5) & (summary["site"] == "internal"),
                        "fusion models with CI > 0"].item() == "2/2"
+
+
+def test_risk_group_figure_names_every_group_size_and_skips_a_log_rank_test_on_a_near_empty_group():
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    split = np.array(["train"] * 300 + ["test"] * 90 + ["external"] * 60)
+    risk = np.r_[rng.normal(size=390), rng.normal(5.0, 0.1, size=59), -5.0]  # the external site shifted: all high but one
+    data = SimpleNamespace(index=lambda s: np.flatnonzero(split == s))
+    trained = SimpleNamespace(risk={"late fusion": risk}, event=rng.random(450) < 0.4,
+                              time=rng.uniform(1, 365, size=450))
+    fig = p4.risk_group_figure(trained, data, "late fusion")
+    internal, external = (ax.get_title() for ax in fig.axes[:2])
+    assert "log-rank chi2" in internal and "n low / intermediate / high = " in internal
+    assert "n low / intermediate / high = 1 / 0 / 59" in external
+    assert "no log-rank test" in external and "chi2" not in external
+    plt.close(fig)

@@ -795,9 +795,18 @@ def cindex_figure(table: pd.DataFrame):
     return fig
 
 
+#: the smallest risk group the log-rank test of :func:`risk_group_figure` is shown for
+MIN_LOGRANK_GROUP = 5
+
+
 def risk_group_figure(trained: Trained, data: P4Data, model: str):
     """Kaplan-Meier curves of the low / intermediate / high risk tertiles of ``model`` (cut points: training-set
-    tertiles), on the internal test and the external site, with the log-rank test across groups."""
+    tertiles), on the internal test and the external site, with the log-rank test across groups.
+
+    Each panel's title gives the size of every group, empty ones included: on a shifted site the
+    training cut points can put nearly everyone in one group. The log-rank test is shown only when
+    every non-empty group holds at least ``MIN_LOGRANK_GROUP`` subjects.
+    """
     import matplotlib.pyplot as plt
     from sksurv.compare import compare_survival
 
@@ -806,7 +815,7 @@ def risk_group_figure(trained: Trained, data: P4Data, model: str):
 
     tr = data.index("train")
     r = trained.risk[model]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, layout="constrained")
     colors = {"low": "tab:green", "intermediate": "tab:olive", "high": "tab:red"}
     for ax, (site, split) in zip(axes, (("internal test", "test"), ("external site", "external"))):
         i = data.index(split)
@@ -814,13 +823,18 @@ def risk_group_figure(trained: Trained, data: P4Data, model: str):
         ev, tm = trained.event[i], trained.time[i]
         km_curves(ax, [(f"{g} risk", ev[grp == g], tm[grp == g], colors[g]) for g in colors],
                   title=site, xlabel="days after the index CT", ylabel=None)
-        if len(set(grp)) > 1:
+        counts = {g: int((grp == g).sum()) for g in colors}
+        title = f"{site}, n low / intermediate / high = {' / '.join(map(str, counts.values()))}"
+        present = [n for n in counts.values() if n]
+        if len(present) > 1 and min(present) >= MIN_LOGRANK_GROUP:
             y = np.array(list(zip(ev, tm)), dtype=[("event", bool), ("time", float)])
             chi2, p = compare_survival(y, grp)
-            ax.set_title(f"{site}: log-rank chi2 = {chi2:.1f}, p = {p:.2g}")
+            title += f"\nlog-rank chi2 = {chi2:.1f}, p = {p:.2g}"
+        else:
+            title += f"\nno log-rank test: a group holds fewer than {MIN_LOGRANK_GROUP} subjects or all fall in one"
+        ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("survival probability (95% CI)")
     fig.suptitle(f"Risk groups of {model} (tertile cut points from the training set)")
-    fig.tight_layout()
     return fig
 
 
