@@ -257,6 +257,24 @@ def test_the_kernel_talks_to_the_runner_over_private_unix_sockets(tmp_path):
     assert not Path(t.loc[0, "folder"]).exists()  # removed with the run
 
 
+def test_importing_mmlib_silences_tqdms_ipywidgets_advice_in_a_kernel(tmp_path):
+    """MONAI and transformers import tqdm.auto; in a kernel without ipywidgets it advised updating jupyter,
+    in every notebook whose cohort was already on disk (with a fresh cohort, mmlib's own bars came first)."""
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    path = _write_notebook(nbdir, "quiet", """
+        # %%
+        import mmlib
+        from mmlib import results
+        run = results.Run(out_dir, notebook="quiet", params={"profile": profile})
+        # %%
+        import tqdm.auto  # the first import of it in this kernel
+        run.finish()
+    """)
+    final = runner.run_notebook(path, tmp_path / "results", profile="smoke")
+    assert not _warnings_in(final / "quiet.ipynb")
+
+
 def test_cli_list_selects_by_prefix():
     out = subprocess.run([sys.executable, "-m", "mmlib", "list", "--notebooks", str(ROOT / "notebooks"), "--prefix", "00"],
                          capture_output=True, text=True, check=True).stdout.split()
