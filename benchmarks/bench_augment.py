@@ -19,12 +19,11 @@ The table is printed and written to ``results/benchmarks/augment.md``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ms
 
 from mmlib import core
 from mmlib.augment import ImageAugment3d, affine_grid_3d
@@ -33,20 +32,6 @@ from mmlib.results import atomic_write_text
 
 PROFILES = ("quick", "full")  # P1's pretraining batch at each profile's size
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ms(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -84,7 +69,7 @@ def main() -> None:
             "grid_sample": lambda v=x, g=grid: F.grid_sample(v, g, align_corners=True),
             "ImageAugment3d": lambda a=aug, v=x: a(v, 1),
         }
-        row = {"batch": label, **{name: _ms(fn, args.repeats, dev) for name, fn in calls.items()}}
+        row = {"batch": label, **{name: median_ms(fn, args.repeats, dev) for name, fn in calls.items()}}
         row["bit-identical"] = "yes" if same else "no"
         rows.append(row)
 

@@ -20,11 +20,10 @@ The table is printed and written to ``results/benchmarks/corruption.md``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _timing import median_ms
 
 from mmlib import core
 from mmlib.ssl import InputCorruption
@@ -34,17 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ms_per_volume(fn, batch: int, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3 / batch
+    return median_ms(fn, repeats, device) / batch
 
 
 def main() -> None:
