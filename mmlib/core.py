@@ -20,7 +20,6 @@ import logging
 import operator
 import os
 import random
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -331,12 +330,9 @@ def progress(iterable: Iterable[T], *, desc: str | None = None, total: int | Non
     Bars update at most every 2 s (so executed notebooks do not fill with redraws) and are
     switched off with ``MMLIB_PROGRESS=0``.
     """
-    with warnings.catch_warnings():
-        # tqdm.auto warns when ipywidgets is absent and falls back to a text bar: fine here.
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # its ipywidgets advice is filtered once, on import of mmlib
 
-        disable = kwargs.pop("disable", False) or os.environ.get("MMLIB_PROGRESS", "1") == "0"
-        kwargs.setdefault("mininterval", 2.0)
-        kwargs.setdefault("dynamic_ncols", True)
-        return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
+    disable = kwargs.pop("disable", False) or os.environ.get("MMLIB_PROGRESS", "1") == "0"
+    kwargs.setdefault("mininterval", 2.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, desc=desc, total=total, disable=disable, **kwargs)
