@@ -262,3 +262,32 @@ def test_prevalence_knob_and_bad_knobs():
         XrayECGReports("smoke", coupling=1.5).plan(np.random.default_rng(0))
     with pytest.raises(ValueError, match="no field"):
         XrayECGReports("smoke", ecg_signl=0.0)
+
+
+def test_ecg_figures_share_one_scale_on_square_paper(cohort):
+    """The tour's normal and abnormal ECGs use one y range, and in mV a 0.2 s x 0.5 mV major
+    square is as tall as it is wide on the page (a 25 mm/s, 10 mm/mV printout)."""
+    import matplotlib.pyplot as plt
+
+    from mmlib.cohorts.xray_ecg import ecg_figure, ecg_range, tour_figures
+
+    figs = tour_figures(cohort)
+    try:
+        assert {"ecg_normal", "ecg_abnormal"} <= set(figs)
+        ranges = {name: figs[name].axes[0].get_ylim() for name in ("ecg_normal", "ecg_abnormal")}
+        assert ranges["ecg_normal"] == ranges["ecg_abnormal"]
+        for name in ("ecg_normal", "ecg_abnormal"):
+            fig = figs[name]
+            fig.canvas.draw()
+            ax = fig.axes[0]
+            (x0, y0), (x1, y1) = ax.transData.transform([(0.0, 0.0), (0.2, 0.5)])
+            assert abs((x1 - x0) - (y1 - y0)) < 0.02 * (x1 - x0), name
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+    # a preprocessed (unitless) ECG is not on paper: no fixed aspect; an explicit ylim is honoured
+    sig = np.sin(np.linspace(0, 20, 400))[:, None].repeat(12, 1) * 3.2
+    assert ecg_range(sig, 100.0) == (-3.5, 3.5)
+    fig = ecg_figure(sig, 100.0, "x", units="scaled", ylim=(-4.0, 4.0))
+    assert fig.axes[0].get_aspect() == "auto" and fig.axes[0].get_ylim() == (-4.0, 4.0)
+    plt.close(fig)

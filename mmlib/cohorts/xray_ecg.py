@@ -64,6 +64,7 @@ __all__ = [
     "XrayECGReports",
     "ecg_features",
     "ecg_figure",
+    "ecg_range",
     "finding_mask",
     "measure_ctr",
     "planted_effect_checks",
@@ -1043,19 +1044,29 @@ def planted_effect_checks(cohort: Cohort) -> pd.DataFrame:
 _ECG_PAPER = {"minor": "#f6c8c8", "major": "#e48a8a"}
 
 
-def ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0, units: str = "mV") -> Figure:
+def ecg_range(sig: np.ndarray, fs: float, seconds: float = 4.0) -> tuple[float, float]:
+    """The y range :func:`ecg_figure` draws ``sig`` ((samples, 12) at ``fs`` Hz) on: at least
+    [-1.5, 1.5], widened to whole 0.5 units so the first ``seconds`` fit."""
+    part = sig[np.arange(sig.shape[0]) / fs <= seconds]
+    if not part.size:
+        return -1.5, 1.5
+    return min(-1.5, float(np.floor(part.min() * 2) / 2)), max(1.5, float(np.ceil(part.max() * 2) / 2))
+
+
+def ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0, units: str = "mV",
+               ylim: tuple[float, float] | None = None) -> Figure:
     """12 panels (limb leads left, chest leads right) on ECG paper: 0.2 s x 0.5 mV major squares.
 
     ``sig`` is (samples, 12) in the order of :data:`LEADS`; ``units`` labels the y axes (a
-    preprocessed ECG is unitless).
+    preprocessed ECG is unitless). In mV the paper's squares are square, as on a 25 mm/s,
+    10 mm/mV printout. ``ylim`` fixes the y range (default: :func:`ecg_range` of ``sig``).
     """
     import matplotlib.pyplot as plt
 
+    lo, hi = ylim if ylim is not None else ecg_range(sig, fs, seconds)
     fig, axs = plt.subplots(6, 2, figsize=(14, 11), sharex=True, sharey=True)
     t = np.arange(sig.shape[0]) / fs
     keep = t <= seconds
-    lo = min(-1.5, np.floor(sig[keep].min() * 2) / 2)
-    hi = max(1.5, np.ceil(sig[keep].max() * 2) / 2)
     for j, lead in enumerate(LEADS):
         ax = axs[j % 6, j // 6]
         for step, colour, lw in ((0.04, _ECG_PAPER["minor"], 0.4), (0.2, _ECG_PAPER["major"], 0.8)):
@@ -1065,6 +1076,8 @@ def ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0, uni
         ax.text(0.01, 0.92, lead, transform=ax.transAxes, fontsize=12, fontweight="bold", va="top")
         ax.set_xlim(0, seconds)
         ax.set_ylim(lo, hi)
+        if units == "mV":  # 0.5 mV spans as much paper as 0.2 s
+            ax.set_aspect(0.2 / 0.5, adjustable="box")
     for ax in axs[-1]:
         ax.set_xlabel("time (s)")
     for ax in axs[:, 0]:
@@ -1108,13 +1121,13 @@ def tour_figures(cohort: Cohort) -> dict[str, Figure]:
     fig.tight_layout()
     figs["xray_grid"] = fig
 
-    # 2. ECGs: a normal one and a clearly abnormal one (true finding and label agree)
+    # 2. ECGs: a normal one and a clearly abnormal one (true finding and label agree), on one scale
     fs_note = f"{cohort.truth['knobs']['ecg_seconds']:g} s at {cohort.truth['knobs']['ecg_fs_hz']} Hz, first 4 s shown"
+    shown: dict[str, tuple[np.ndarray, float, str]] = {}
     norm = [i for i in range(len(sub)) if sub.loc[i, "NORM"] == 1 and lat.loc[sub.loc[i, "subject_id"], "true_NORM"]]
     if norm:
         sid = sub.loc[norm[0], "subject_id"]
-        figs["ecg_normal"] = ecg_figure(*read_ecg(cohort.root / sub.loc[norm[0], "ecg"]),
-                                         f"{sid}: normal ECG ({fs_note})")
+        shown["ecg_normal"] = (*read_ecg(cohort.root / sub.loc[norm[0], "ecg"]), f"{sid}: normal ECG ({fs_note})")
     for c in ("CD", "MI", "HYP", "STTC"):
         hit = [i for i in range(len(sub)) if sub.loc[i, c] == 1 and lat.loc[sub.loc[i, "subject_id"], f"true_{c}"]]
         if hit:
@@ -1122,9 +1135,14 @@ def tour_figures(cohort: Cohort) -> dict[str, Figure]:
             detail = {"CD": lat.loc[sid, "cd_type"], "MI": f"{lat.loc[sid, 'mi_territory']} infarct",
                       "HYP": "left ventricular hypertrophy", "STTC": "ST-T change"}[c]
             labels = ", ".join(k for k in ECG_CLASSES if sub.loc[hit[0], k] == 1)
-            figs["ecg_abnormal"] = ecg_figure(*read_ecg(cohort.root / sub.loc[hit[0], "ecg"]),
-                                               f"{sid}: {labels} ({detail}; {fs_note})")
+            shown["ecg_abnormal"] = (*read_ecg(cohort.root / sub.loc[hit[0], "ecg"]),
+                                     f"{sid}: {labels} ({detail}; {fs_note})")
             break
+    if shown:
+        ranges = [ecg_range(sig, fs) for sig, fs, _ in shown.values()]
+        ylim = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges))
+        for name, (sig, fs, title) in shown.items():
+            figs[name] = ecg_figure(sig, fs, title, ylim=ylim)
 
     # 3. example reports: no finding, the most X-ray findings, and one with a hedged mention
     hedged = [i for i in range(len(sub))
