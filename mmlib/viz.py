@@ -12,6 +12,14 @@ import seaborn as sns
 __all__ = ["loss_curves", "orthogonal_slices", "parameter_schedule", "stacked_shares"]
 
 
+def epoch_axis(ax: plt.Axes) -> plt.Axes:
+    """Whole-number ticks on ``ax``'s x axis: epochs are counted, never 1.5 (returns ``ax``)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return ax
+
+
 def loss_curves(history: pd.DataFrame, *, group: str, title: str, ylabel: str, logy: bool = False) -> plt.Figure:
     """Train (solid) and validation (dashed) loss per epoch, one colour per ``group`` value (legend beside the plot)."""
     fig, ax = plt.subplots(figsize=(8.0, 3.8), layout="constrained")
@@ -21,6 +29,7 @@ def loss_curves(history: pd.DataFrame, *, group: str, title: str, ylabel: str, l
         if "val_loss" in h and h["val_loss"].notna().any():
             ax.plot(h["epoch"] + 1, h["val_loss"], color=color, ls="--", label=f"{name} val")
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    epoch_axis(ax)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -39,6 +48,7 @@ def parameter_schedule(schedules: Mapping[str, pd.DataFrame], boundaries: Sequen
     for color, (name, s) in zip(sns.color_palette("colorblind", len(schedules)), schedules.items()):
         ax.step(s["epoch"], s["trainable"] / 1e6, where="post", color=color, label=name)
     ax.set(xlabel="epoch", ylabel="trainable parameters (M)", xlim=(0, total))
+    epoch_axis(ax)
     ax.set_title(title, pad=16)  # above the stage labels
     ax.legend(frameon=False, fontsize=8, loc="center right")
     fig.tight_layout()

@@ -169,6 +169,26 @@ def test_gene_group_attention_is_a_share_over_groups(planted_cv):
     assert "spearman" not in att.attrs  # no truth card: nothing to rank against
 
 
+def test_figures_count_whole_epochs_and_name_gene_groups_in_full(planted_cv):
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    data, cv = planted_cv
+    fig = p5.training_figure(cv.history)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
+    long = dataclasses.replace(data, group_names=["cellular_differentiation", "tumour_suppression"])
+    fig = p5.attention_figure(cv, long)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[-2:] == ["cellular\ndifferentiation", "tumour\nsuppression"]  # wrapped, not cut
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == labels
+    plt.close(fig)
+
+
 def test_paired_differences_and_claims_on_a_known_table():
     rows = []
     for fold in range(5):

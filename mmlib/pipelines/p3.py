@@ -1203,6 +1203,8 @@ def training_figure(histories: pd.DataFrame):
     and the main run's text-X-ray and text-ECG terms on training and validation pairs."""
     import matplotlib.pyplot as plt
 
+    from mmlib import viz
+
     h = histories if "variant" in histories else histories.assign(variant=next(iter(ABLATIONS)))
     main = h[h["variant"] == h["variant"].iloc[0]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
@@ -1220,6 +1222,8 @@ def training_figure(histories: pd.DataFrame):
         axes[1].plot(g["epoch"], g["val_loss"], lw=2.4 if j == 0 else 1.2, marker="o", ms=3,
                      color="black" if j == 0 else None, label=name)
     axes[1].set(xlabel="epoch", ylabel="validation loss", title="every pre-training run (ablations)")
+    for ax in axes:
+        viz.epoch_axis(ax)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return fig
@@ -1286,7 +1290,9 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
     findings = list(data.xray_classes)
     n_rows = 2 * per_finding  # each example twice: attention rollout, then the finding's gradient saliency
     fig = plt.figure(figsize=(3.2 * len(findings), 3.0 * n_rows + 3.2))
-    grid = fig.add_gridspec(n_rows + 1, len(findings), height_ratios=(1,) * n_rows + (0.9,))
+    grid = fig.add_gridspec(n_rows + 1, len(findings) + 1, height_ratios=(1,) * n_rows + (0.9,),
+                            width_ratios=(1,) * len(findings) + (0.06,))
+    shown_map = shown_ecg = None  # the last map drawn of each kind, for the colour bars
     for j, finding in enumerate(findings):
         if masks is not None:
             has = idx[((masks[idx] & FINDING_BITS[finding]) > 0).reshape(len(idx), -1).any(1)]
@@ -1305,7 +1311,8 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
             else:
                 amap, what = xray_saliency_maps(model, data, [i], finding, size=size)[0], "saliency"
             ax.imshow(img, cmap="gray", extent=(0, size, size, 0))
-            ax.imshow(amap, cmap="inferno", alpha=0.45, extent=(0, size, size, 0))
+            shown_map = ax.imshow(amap / max(float(amap.max()), 1e-12), cmap="inferno", alpha=0.45, vmin=0.0, vmax=1.0,
+                                  extent=(0, size, size, 0))
             if masks is not None:
                 ax.contour((masks[i] & FINDING_BITS[finding]) > 0, levels=[0.5], colors=[_FINDING_COLOURS[finding]],
                            linewidths=1.8)
@@ -1317,8 +1324,9 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
         ax = fig.add_subplot(grid[n_rows, e * half:(e + 1) * half])
         att = ecg_attention(model, data, [i])[0]
         seconds = data.ecg.shape[-1] / 100.0
-        ax.imshow(att[None], aspect="auto", cmap="Reds", extent=(0, seconds, -2.4, 2.4), alpha=0.6,
-                  vmin=float(att.min()), vmax=float(att.max()) + 1e-12)
+        span = max(float(att.max() - att.min()), 1e-12)
+        shown_ecg = ax.imshow(((att - att.min()) / span)[None], aspect="auto", cmap="Reds", alpha=0.6, vmin=0.0, vmax=1.0,
+                              extent=(0, seconds, -2.4, 2.4))
         t = np.arange(data.ecg.shape[-1]) / 100.0
         for off, lead in ((1.2, "II"), (-1.2, "V1")):
             ax.plot(t, data.ecg[i, STANDARD_LEADS.index(lead)].numpy() + off, color="black", lw=0.7)
@@ -1327,6 +1335,13 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
                title=f"ECG attention over time ({cls}, {data.table['subject_id'].iloc[i]}); "
                      f"max / min {att.max() / max(att.min(), 1e-12):.2f}")
         ax.title.set_fontsize(9)
+    if shown_map is not None:
+        bar = fig.colorbar(shown_map, cax=fig.add_subplot(grid[:n_rows, -1]))
+        bar.set_label("X-ray map / its maximum")
+    if shown_ecg is not None:
+        bar = fig.colorbar(shown_ecg, cax=fig.add_subplot(grid[n_rows, -1]), ticks=[0, 1])
+        bar.ax.set_yticklabels(["min", "max"])
+        bar.set_label("ECG attention", fontsize=8)
     fig.suptitle("X-ray: attention rollout and the finding's gradient saliency (planted finding outlined); "
                  "ECG: attention rollout over time (red, scaled to its range)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))

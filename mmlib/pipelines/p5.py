@@ -22,6 +22,7 @@ Stages, each a plain function the notebook calls in order:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -680,6 +681,8 @@ def training_figure(history: pd.DataFrame):
     """Training losses per epoch (mean over folds) of every model: the task losses and UMEML's modularity term."""
     import matplotlib.pyplot as plt
 
+    from mmlib import viz
+
     cols = [c for c in history.columns if c.startswith("loss ")]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols) + 4, 3.6), squeeze=False)
     palette = plt.get_cmap("tab20").colors
@@ -691,6 +694,7 @@ def training_figure(history: pd.DataFrame):
                         color="black" if m == "UMEML" else palette[(2 * j) % 20 + (j // 10) % 2])
         ax.set_title(c.replace("loss ", ""), fontsize=10)
         ax.set_xlabel("epoch")
+        viz.epoch_axis(ax)
     axes[0][0].set_ylabel("training loss (mean over folds)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 0.78, 1))
@@ -870,7 +874,7 @@ def attention_figure(cv: CVResult, data: P5Data):
     k = seg["pathology"].stop - seg["pathology"].start - 1
     r = seg["registers"].stop - seg["registers"].start
     labels = ["path CLS"] + [f"P{j}" for j in range(k)] + [f"reg{j}" for j in range(r)] + ["gen CLS"] + \
-        [g.replace("_", " ")[:14] for g in data.group_names]
+        [textwrap.fill(g.replace("_", " "), 16) for g in data.group_names]  # whole names, long ones on two lines
     fig, ax = plt.subplots(figsize=(0.42 * len(labels) + 3, 0.42 * len(labels) + 1.5))
     im = ax.imshow(a, cmap="magma", aspect="equal")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
