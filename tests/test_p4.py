@@ -240,3 +240,48 @@ def test_risk_group_figure_names_every_group_size_and_skips_a_log_rank_test_on_a
     assert "n low / intermediate / high = 1 / 0 / 59" in external
     assert "no log-rank test" in external and "chi2" not in external
     plt.close(fig)
+
+
+def test_cindex_forest_legend_sits_below_every_row_and_names_the_families():
+    import matplotlib.pyplot as plt
+
+    models = [("CT only", "unimodal"), ("EHR only", "unimodal"), ("late fusion", "fusion"), ("cross-attention", "fusion")]
+    table = pd.DataFrame({"model": [m for m, _ in models], "family": [f for _, f in models],
+                          "internal c": [0.62, 0.66, 0.70, 0.69], "internal 95% CI": ["0.55-0.69", "0.60-0.72",
+                                                                                      "0.64-0.76", "0.63-0.75"],
+                          "external c": [0.58, 0.61, 0.64, 0.50], "external 95% CI": ["0.50-0.66", "0.53-0.69",
+                                                                                      "0.57-0.71", "0.42-0.58"]})
+    table.attrs["best_unimodal"] = "EHR only"
+    fig = p4.cindex_figure(table)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert not any(ax.get_legend() for ax in fig.axes)
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:2] == ["unimodal model", "fusion model"] and "EHR only" in labels[2]
+    box = legend.get_window_extent(renderer)
+    for ax in fig.axes:  # wholly below each panel's lowest point (and its x-axis label)
+        assert box.y1 <= ax.get_tightbbox(renderer).y0 + 1
+    plt.close(fig)
+
+
+def test_balance_figure_keeps_strategy_colours_apart_from_the_unimodal_curves():
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for site in ("internal", "external"):
+        for share in (0.0, 0.5, 1.0):
+            for s in ("late", "contrastive", "cross-attention", "co-attention"):
+                rows.append({"family": "fusion", "strategy": s, "model": s, "site": site, "image_share": share,
+                             "gain": 0.01, "gain_lower": -0.01, "gain_upper": 0.03, "c_index": 0.7})
+            for model, family in (("CT only", "unimodal"), ("EHR only", "unimodal"), ("u_img (planted)", "planted"),
+                                  ("z_ehr (planted)", "planted")):
+                rows.append({"family": family, "strategy": None, "model": model, "site": site, "image_share": share,
+                             "gain": np.nan, "gain_lower": np.nan, "gain_upper": np.nan, "c_index": 0.5 + share / 4})
+    fig = p4.balance_figure(pd.DataFrame(rows))
+    top = {mcolors.to_hex(line.get_color()) for ax in fig.axes[:2] for line in ax.get_lines() if line.get_marker() == "o"}
+    bottom = {mcolors.to_hex(line.get_color()) for ax in fig.axes[2:] for line in ax.get_lines()
+              if line.get_linestyle() != "-" or line.get_marker() == "o"}
+    assert len(top) == 4 and len(bottom) == 2 and not top & bottom
+    plt.close(fig)

@@ -608,6 +608,10 @@ def balance_sweep(emb: Embeddings, data: P4Data, prof: P4Profile, *, ehr_rep: st
     return pd.DataFrame(rows)
 
 
+#: colours of the CT-side and EHR-side unimodal curves, outside the fusion strategies' tab10 C0-C3
+_SIDE_COLOURS = {"CT": "tab:purple", "EHR": "tab:brown"}
+
+
 def balance_figure(sweep: pd.DataFrame):
     """Top: c-index gain of each fusion strategy over the best unimodal model against the image share.
     Bottom: the unimodal models' c-index beside the planted latents' (the ceilings of a perfect encoder)."""
@@ -633,7 +637,7 @@ def balance_figure(sweep: pd.DataFrame):
         part = sweep[(sweep["site"] == site) & sweep["family"].isin(["unimodal", "planted"])]
         for (model, family), d in part.groupby(["model", "family"], sort=False):
             d = d.sort_values("image_share")
-            color = "tab:red" if ("CT" in model or "u_img" in model) else "tab:blue"
+            color = _SIDE_COLOURS["CT" if ("CT" in model or "u_img" in model) else "EHR"]
             ax.plot(d["image_share"], d["c_index"], marker="o" if family == "unimodal" else "", ms=4, color=color,
                     ls="-" if family == "unimodal" else ":", label=model)
         ax.axhline(0.5, color="k", lw=0.6)
@@ -754,6 +758,8 @@ def encoder_figure(enc: Encoders):
     """The two label-free pretraining curves (CT autoencoder L1, EHR next-visit BCE)."""
     import matplotlib.pyplot as plt
 
+    from mmlib import viz
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, hist, title, ylabel in ((axes[0], enc.ct_history, "CT autoencoder (frozen afterwards)",
                                      "L1 reconstruction"),
@@ -763,6 +769,7 @@ def encoder_figure(enc: Encoders):
         if "val_loss" in hist and hist["val_loss"].notna().any():
             ax.plot(hist["epoch"] + 1, hist["val_loss"], ls="--", label="validation")
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        viz.epoch_axis(ax)
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
     fig.tight_layout()
@@ -772,10 +779,14 @@ def encoder_figure(enc: Encoders):
 def cindex_figure(table: pd.DataFrame):
     """Forest plot: c-index with 95% CI per model, internal test and external site side by side."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.33 * len(table) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.33 * len(table) + 2.0), sharey=True, layout="constrained")
     y = np.arange(len(table))[::-1]
-    colors = table["family"].map({"unimodal": "tab:gray", "fusion": "tab:blue"}).to_numpy()
+    family_colours = {"unimodal": "tab:gray", "fusion": "tab:blue"}
+    colors = table["family"].map(family_colours).to_numpy()
+    handles = [Line2D([], [], marker="o", ls="", ms=4, color=c, label=f"{f} model") for f, c in family_colours.items()
+               if (table["family"] == f).any()]
     for ax, site in zip(axes, ("internal", "external")):
         c = table[f"{site} c"].to_numpy()
         lo, hi = np.array([list(map(float, s.split("-"))) for s in table[f"{site} 95% CI"]]).T
@@ -783,15 +794,17 @@ def cindex_figure(table: pd.DataFrame):
             ax.errorbar(c[k], y[k], xerr=[[c[k] - lo[k]], [hi[k] - c[k]]], fmt="o", color=colors[k], capsize=2, ms=4)
         best = table.attrs.get("best_unimodal")
         if best is not None:
-            ax.axvline(float(table.loc[table["model"] == best, f"{site} c"].iloc[0]), color="tab:gray", ls="--", lw=0.8,
-                       label=f"best unimodal ({best}, chosen on validation)")
-            ax.legend(fontsize=7, loc="lower right")
+            line = ax.axvline(float(table.loc[table["model"] == best, f"{site} c"].iloc[0]), color="tab:gray", ls="--",
+                              lw=0.8, label=f"best unimodal ({best}, chosen on validation), its c-index")
         ax.axvline(0.5, color="k", lw=0.6)
         ax.set(title=f"{site} ({'internal test' if site == 'internal' else 'external site'})",
                xlabel="Harrell's c-index")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, table["model"])
-    fig.tight_layout()
+    if table.attrs.get("best_unimodal") is not None:
+        handles.append(line)
+    # below both panels, where no row can sit under it
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     return fig
 
 
