@@ -74,6 +74,22 @@ def stacked_shares(shares: pd.DataFrame, *, title: str, order: Sequence[str]) ->
     return fig
 
 
+def radiological(ax: plt.Axes, *, marks: bool = True) -> plt.Axes:
+    """Show a panel whose x axis runs to the subject's right (a RAS grid's first axis, or x in mm)
+    in the radiological convention, the one every figure of mmlib uses: the subject's right on the
+    viewer's left, as on a chest film or a CT console. ``marks`` writes R and L at the two edges.
+    Returns ``ax``."""
+    import matplotlib.patheffects as pe
+
+    if not ax.xaxis_inverted():
+        ax.invert_xaxis()
+    if marks:
+        for x, side, ha in ((0.02, "R", "left"), (0.98, "L", "right")):
+            ax.text(x, 0.5, side, transform=ax.transAxes, ha=ha, va="center", color="white", fontsize=9,
+                    fontweight="bold", path_effects=[pe.withStroke(linewidth=2, foreground="black")])
+    return ax
+
+
 def orthogonal_slices(
     volume: np.ndarray,
     maps: Mapping[str, np.ndarray],
@@ -85,6 +101,9 @@ def orthogonal_slices(
     volume_label: str = "image",
 ) -> plt.Figure:
     """Axial, coronal and sagittal slices through ``point`` (RAS voxel grid): the volume, then each map over it.
+
+    Axial and coronal panels follow the radiological convention (:func:`radiological`); the
+    sagittal one is seen from the subject's left, anterior on the left.
 
     Args:
         volume: (X, Y, Z) image in [0, 1].
@@ -98,8 +117,8 @@ def orthogonal_slices(
     i, j, k = (int(p) for p in point)
     sx, sy, sz = spacing
     views = [  # (name, slicer, aspect): images shown with superior / anterior up
-        ("axial (from above)", lambda v: v[:, :, k].T, sy / sx),
-        ("coronal (from behind)", lambda v: v[:, j, :].T, sz / sx),  # subject's right on the right
+        ("axial (from below)", lambda v: v[:, :, k].T, sy / sx),
+        ("coronal (from the front)", lambda v: v[:, j, :].T, sz / sx),
         ("sagittal (from the left)", lambda v: v[i, :, :].T, sz / sy),
     ]
     rows = 1 + len(maps)
@@ -125,6 +144,8 @@ def orthogonal_slices(
                 ax.set_title(name, fontsize=9)
             if c == 2:
                 ax.invert_xaxis()  # sagittal seen from the left: anterior to the left, in every row
+            else:
+                radiological(ax, marks=r == 0)  # R / L once, on the image row
     if maps:  # each map is drawn relative to its own maximum: one scale for all of them
         scale = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap="inferno")
         fig.colorbar(scale, ax=axes[1:, :], shrink=0.5, aspect=30, label="map / its maximum")

@@ -164,6 +164,8 @@ def test_tour_figures(smoke):
     renderer = timelines.canvas.get_renderer()
     legend = timelines.legends[0].get_window_extent(renderer)  # one legend, off every panel (inside, it hid events)
     assert all(ax.get_legend() is None for ax in timelines.axes)
+    ct = [ax for ax in figs["ct_slices"].axes if ax.get_label() != "<colorbar>"]
+    assert ct and all(ax.xaxis_inverted() and [t.get_text() for t in ax.texts] == ["R", "L"] for ax in ct)
     assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in timelines.axes if ax.axison)
     for fig in figs.values():
         assert fig.get_size_inches()[0] * fig.dpi >= 1400 or fig.get_size_inches()[0] >= 14

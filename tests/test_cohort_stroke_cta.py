@@ -158,6 +158,9 @@ def test_effects_absent_when_switched_off(no_image, no_tabular):
 def test_tour_figures(geometry):
     figs = tour_figures(geometry)
     assert set(figs) == {"cta_mip", "bifurcation_slice", "km_by_severity"}
+    for name in ("cta_mip", "bifurcation_slice"):  # radiological: the subject's right on the viewer's left, marked
+        panels = [ax for ax in figs[name].axes if ax.get_label() != "<colorbar>"]
+        assert panels and all(ax.xaxis_inverted() and [t.get_text() for t in ax.texts] == ["R", "L"] for ax in panels)
     km = figs["km_by_severity"].axes[0]
     curves = [line for line in km.get_lines() if "tertile" in str(line.get_label())]
     assert curves and all(tuple(c.get_xydata()[0]) == (0.0, 1.0) for c in curves)  # every curve starts at t = 0, S = 1

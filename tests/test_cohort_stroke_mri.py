@@ -195,6 +195,11 @@ def test_tour_figures(big):
     cohort, _ = big
     figs = tour_figures(cohort)
     assert set(figs) == {"slices", "outcome_vs_age"}
+    # axial and coronal: radiological (the subject's right on the viewer's left, marked); sagittal: from the left
+    panels = np.array([ax for ax in figs["slices"].axes if ax.get_label() != "<colorbar>"]).reshape(-1, 3)
+    for row in panels:
+        assert all(ax.xaxis_inverted() for ax in row)
+        assert [[t.get_text() for t in ax.texts] for ax in row] == [["R", "L"], ["R", "L"], []]
     for fig in figs.values():
         assert isinstance(fig, matplotlib.figure.Figure)
         assert all(ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>")

@@ -29,7 +29,30 @@ def test_every_sagittal_panel_shows_anterior_on_the_same_side(slices_figure):
         sagittal = row[2]
         # seen from the left: anterior (high j, the bright half) on the left, in the volume's row and each map's
         assert sagittal.xaxis_inverted(), sagittal.get_ylabel()
-        assert not row[0].xaxis_inverted() and not row[1].xaxis_inverted()
+
+
+def test_axial_and_coronal_panels_are_radiological_in_every_row(slices_figure):
+    axes = np.array([ax for ax in slices_figure.axes if ax.get_label() != "<colorbar>"]).reshape(-1, 3)
+    for r, row in enumerate(axes):
+        for ax in row[:2]:
+            # RAS: high i is the subject's right, drawn on the viewer's left
+            assert ax.xaxis_inverted(), (r, ax.get_title())
+            marks = {t.get_text(): t.get_position()[0] for t in ax.texts}
+            assert marks == ({"R": 0.02, "L": 0.98} if r == 0 else {}), (r, marks)
+
+
+def test_radiological_puts_the_subjects_right_on_the_viewers_left():
+    fig, ax = plt.subplots()
+    img = np.zeros((8, 10))
+    img[:, 7:] = 1.0  # RAS columns: the subject's right (high x) is bright
+    ax.imshow(img, origin="lower")
+    assert viz.radiological(ax) is ax and viz.radiological(ax, marks=False) is ax  # idempotent: still inverted
+    fig.canvas.draw()
+    x_bright = ax.transData.transform((8.0, 4.0))[0]
+    x_dark = ax.transData.transform((2.0, 4.0))[0]
+    assert x_bright < x_dark
+    assert [t.get_text() for t in ax.texts] == ["R", "L"]
+    plt.close(fig)
 
 
 def test_the_title_sits_above_the_column_titles(slices_figure):
@@ -61,6 +84,18 @@ def test_the_loss_legend_sits_beside_the_curves_not_on_them():
     ax = fig.axes[0]
     assert _extent(ax.get_legend(), fig).x0 >= _extent(ax.patch, fig).x1  # right of the data area
     assert _extent(ax.get_legend(), fig).x1 <= fig.bbox.x1 + 0.5  # and not cut off
+    plt.close(fig)
+
+
+def test_a_short_run_counts_whole_epochs():
+    import pandas as pd
+
+    h = pd.DataFrame({"objective": ["a"] * 3, "epoch": range(3), "train_loss": [3.0, 2.0, 1.5]})
+    fig = viz.loss_curves(h, group="objective", title="Three epochs", ylabel="loss")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
     plt.close(fig)
 
 

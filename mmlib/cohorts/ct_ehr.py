@@ -740,6 +740,8 @@ def _fig_ct(cohort: Cohort, df: pd.DataFrame):
     import nibabel as nib
     from matplotlib.colors import ListedColormap
 
+    from mmlib import viz
+
     has = df[df["clot_peak_slice"] >= 0].sort_values("clot_volume_ml")
     has = has if len(has) else df.sort_values("clot_volume_ml")
     picks = [("low", has.iloc[int(0.1 * (len(has) - 1))]), ("high", has.iloc[int(0.9 * (len(has) - 1))])]
@@ -763,7 +765,7 @@ def _fig_ct(cohort: Cohort, df: pd.DataFrame):
             if m is not None:
                 ax.imshow(np.ma.masked_where(~m.T, m.T), origin="lower", cmap=ListedColormap(["tab:orange"]),
                           alpha=0.7, extent=extent)
-            ax.invert_xaxis()  # radiological convention: the patient's right on the viewer's left
+            viz.radiological(ax)  # the patient's right on the viewer's left
             ax.set_xlabel("x (mm, patient right on the left)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{row['subject_id']} ({tag} burden: {row['clot_volume_ml']:.0f} mL, "

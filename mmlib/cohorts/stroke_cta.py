@@ -682,6 +682,8 @@ def tour_figures(cohort) -> dict[str, Any]:
     """
     import matplotlib.pyplot as plt
     import nibabel as nib
+
+    from mmlib import viz
     from mmlib.viz import km_curves
 
     lat = cohort.latents().set_index("subject_id")
@@ -709,15 +711,17 @@ def tour_figures(cohort) -> dict[str, Any]:
                 axes[row, col].contour(mk, levels=[0.5], colors="red", linewidths=1.5)
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
+            viz.radiological(axes[row, col])
         axes[0, col].set_title(
             f"{sid}: severity {lat.loc[sid, 'severity_pct']:.0f}%\n"
             f"RFS {subj.loc[sid, 'rfs_days']} d, relapse = {subj.loc[sid, 'relapse']}",
             fontsize=11,
         )
-    axes[0, 0].set_ylabel("coronal MIP (subject's right on the right)")
+    axes[0, 0].set_ylabel("coronal MIP (from the front)")
     axes[1, 0].set_ylabel("axial MIP (anterior up)")
     fig.colorbar(im, ax=axes, shrink=0.6, label="HU (bone and its 5 mm rim suppressed)")
-    fig.suptitle("CTA maximum-intensity projections: two lowest vs two highest plaque severities (plaque mask in red)")
+    fig.suptitle("CTA maximum-intensity projections: two lowest vs two highest plaque severities (plaque mask in red; "
+                 "the subject's right on the viewer's left)")
     figs["cta_mip"] = fig
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 6), layout="constrained")
@@ -730,7 +734,8 @@ def tour_figures(cohort) -> dict[str, Any]:
         if mask[:, :, k].any():
             ax.contour(mask[:, :, k].T, levels=[0.5], colors="red", linewidths=1.5)
         ax.set_title(f"{sid}: severity {lat.loc[sid, 'severity_pct']:.0f}%, axial slice k = {k}")
-        ax.set_xlabel("x voxel (subject's right ->)")
+        ax.set_xlabel("x voxel (subject's right <-)")
+        viz.radiological(ax)
         ax.set_ylabel("y voxel (anterior ->)")
     fig.colorbar(im, ax=axes, shrink=0.8, label="HU")
     fig.suptitle("Axial CTA slice through the carotid bulb, lowest vs highest severity (plaque mask in red)")

@@ -702,6 +702,8 @@ def _slices_figure(cohort: Any, lat: pd.DataFrame, region: str) -> Any:
     import nibabel as nib
     from matplotlib.patches import Patch
 
+    from mmlib import viz
+
     picks = _pick_subjects(lat, region)
     fig, axes = plt.subplots(len(picks), 3, figsize=(14, 3.6 * len(picks)), constrained_layout=True)
     for row, (sid, caption) in enumerate(picks):
@@ -728,6 +730,10 @@ def _slices_figure(cohort: Any, lat: pd.DataFrame, region: str) -> Any:
             ax.contour(reg[sl].T.astype(float), levels=[0.5], colors="cyan", linewidths=1.2, origin="lower",
                        extent=extent)  # fmt: skip
             ax.set_xlabel({0: "x (mm, R+)", 1: "y (mm, A+)"}[a])
+            if a == 0:
+                viz.radiological(ax)
+            else:
+                ax.invert_xaxis()  # sagittal seen from the left, anterior on the left, as in viz.orthogonal_slices
             ax.set_ylabel({1: "y (mm, A+)", 2: "z (mm, S+)"}[b])
             ax.set_title(f"{sid} ({caption}) - {view}, {where}\nage {r['age']:.0f} y, WMH in region "
                          f"{r[f'lesion_load_{region}_ml']:.1f} ml, total {r['lesion_load_ml']:.1f} ml{outcome}",
@@ -736,7 +742,8 @@ def _slices_figure(cohort: Any, lat: pd.DataFrame, region: str) -> Any:
     handles = [Patch(color="red", label="WMH mask"),
                Patch(edgecolor="cyan", facecolor="none", label=f"{region} (atlas)")]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncol=2)
-    fig.suptitle(f"stroke_mri: FLAIR-like volumes in MNI space, neurological view (R on the right); "
+    fig.suptitle(f"stroke_mri: FLAIR-like volumes in MNI space, radiological view (the subject's right on the "
+                 f"viewer's left); "
                  f"outcome-relevant region: {region}", fontsize=12)  # fmt: skip
     return fig
 
