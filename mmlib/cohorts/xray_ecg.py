@@ -1064,7 +1064,9 @@ def ecg_figure(sig: np.ndarray, fs: float, title: str, seconds: float = 4.0, uni
     import matplotlib.pyplot as plt
 
     lo, hi = ylim if ylim is not None else ecg_range(sig, fs, seconds)
-    fig, axs = plt.subplots(6, 2, figsize=(14, 11), sharex=True, sharey=True)
+    # in mV the panels take the paper's shape (0.4 s of width per mV of height), so the grid fills the page
+    panel_h = 6.2 * (hi - lo) * (0.2 / 0.5) / seconds if units == "mV" else 1.6
+    fig, axs = plt.subplots(6, 2, figsize=(14, 6 * panel_h + 1.4), sharex=True, sharey=True)
     t = np.arange(sig.shape[0]) / fs
     keep = t <= seconds
     for j, lead in enumerate(LEADS):
