@@ -25,7 +25,8 @@
 #
 # For each cohort, this notebook writes the files (or checks them against their recorded
 # sha256 checksums and reuses them) and draws the figure a reader needs to see what the data
-# look like. It lists the ground-truth card (the first rows; all of it is saved as a table) and
+# look like (every image in the radiological convention: the subject's right on the viewer's left,
+# marked R / L). It lists the ground-truth card (the first rows; all of it is saved as a table) and
 # then **measures each planted effect in the generated files**. This measurement catches a generator that plants nothing, or plants the
 # wrong thing. The pipelines' explanations are later scored against this truth.
 #
