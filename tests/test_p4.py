@@ -272,7 +272,7 @@ def test_balance_figure_keeps_strategy_colours_apart_from_the_unimodal_curves():
     rows = []
     for site in ("internal", "external"):
         for share in (0.0, 0.5, 1.0):
-            for s in ("late", "contrastive", "cross-attention", "co-attention"):
+            for s in p4.STRATEGIES:
                 rows.append({"family": "fusion", "strategy": s, "model": s, "site": site, "image_share": share,
                              "gain": 0.01, "gain_lower": -0.01, "gain_upper": 0.03, "c_index": 0.7})
             for model, family in (("CT only", "unimodal"), ("EHR only", "unimodal"), ("u_img (planted)", "planted"),
@@ -283,5 +283,5 @@ def test_balance_figure_keeps_strategy_colours_apart_from_the_unimodal_curves():
     top = {mcolors.to_hex(line.get_color()) for ax in fig.axes[:2] for line in ax.get_lines() if line.get_marker() == "o"}
     bottom = {mcolors.to_hex(line.get_color()) for ax in fig.axes[2:] for line in ax.get_lines()
               if line.get_linestyle() != "-" or line.get_marker() == "o"}
-    assert len(top) == 4 and len(bottom) == 2 and not top & bottom
+    assert len(top) == len(p4.STRATEGIES) and len(bottom) == 2 and not top & bottom
     plt.close(fig)

@@ -608,8 +608,8 @@ def balance_sweep(emb: Embeddings, data: P4Data, prof: P4Profile, *, ehr_rep: st
     return pd.DataFrame(rows)
 
 
-#: colours of the CT-side and EHR-side unimodal curves, outside the fusion strategies' tab10 C0-C3
-_SIDE_COLOURS = {"CT": "tab:purple", "EHR": "tab:brown"}
+#: colours of the CT-side and EHR-side unimodal curves (tab10's C8 and C9); the fusion strategies take C0-C7
+_SIDE_COLOURS = {"CT": "tab:olive", "EHR": "tab:cyan"}
 
 
 def balance_figure(sweep: pd.DataFrame):
@@ -621,7 +621,7 @@ def balance_figure(sweep: pd.DataFrame):
     sites = ("internal", "external")
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey="row")
     strategies = list(dict.fromkeys(fus["strategy"]))
-    colors = plt.get_cmap("tab10")
+    colors = [plt.get_cmap("tab10")(k) for k in range(8)]  # C8, C9: the unimodal curves below
     offsets = np.linspace(-0.025, 0.025, len(strategies))
     for col, site in enumerate(sites):
         ax = axes[0, col]
@@ -630,7 +630,7 @@ def balance_figure(sweep: pd.DataFrame):
             d = part[part["strategy"] == s].sort_values("image_share")
             ax.errorbar(d["image_share"].to_numpy() + offsets[k], d["gain"],
                         yerr=[d["gain"] - d["gain_lower"], d["gain_upper"] - d["gain"]], marker="o", ms=4, lw=1.2,
-                        capsize=2, color=colors(k), label=s)
+                        capsize=2, color=colors[k % len(colors)], label=s)
         ax.axhline(0, color="k", lw=0.8, ls="--")
         ax.set_title(f"{site} ({'internal test' if site == 'internal' else 'external site'})")
         ax = axes[1, col]
