@@ -285,3 +285,18 @@ def test_balance_figure_keeps_strategy_colours_apart_from_the_unimodal_curves():
               if line.get_linestyle() != "-" or line.get_marker() == "o"}
     assert len(top) == len(p4.STRATEGIES) and len(bottom) == 2 and not top & bottom
     plt.close(fig)
+
+
+def test_encoder_figure_marks_the_epoch_that_is_kept():
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    val = [0.30, 0.27, 0.26, 0.262, 0.27, 0.28]  # best at the third epoch, then overfitting
+    best = [True, True, True, False, False, False]
+    hist = pd.DataFrame({"epoch": range(6), "train_loss": np.linspace(0.4, 0.2, 6), "val_loss": val, "best": best})
+    fig = p4.encoder_figure(SimpleNamespace(ct_history=hist, ehr_history=hist.drop(columns="best")))
+    kept = [line for line in fig.axes[0].get_lines() if str(line.get_label()).startswith("kept")]
+    assert len(kept) == 1 and list(kept[0].get_xdata()) == [3, 3] and "epoch 3" in kept[0].get_label()
+    assert not any(str(line.get_label()).startswith("kept") for line in fig.axes[1].get_lines())  # no flags: no mark
+    plt.close(fig)

@@ -755,7 +755,8 @@ def km_by_site_figure(data: P4Data):
 
 
 def encoder_figure(enc: Encoders):
-    """The two label-free pretraining curves (CT autoencoder L1, EHR next-visit BCE)."""
+    """The two label-free pretraining curves (CT autoencoder L1, EHR next-visit BCE), each with the
+    epoch that is kept and frozen (the best validation loss) marked."""
     import matplotlib.pyplot as plt
 
     from mmlib import viz
@@ -768,6 +769,9 @@ def encoder_figure(enc: Encoders):
         ax.plot(hist["epoch"] + 1, hist["train_loss"], label="train")
         if "val_loss" in hist and hist["val_loss"].notna().any():
             ax.plot(hist["epoch"] + 1, hist["val_loss"], ls="--", label="validation")
+        if "best" in hist and hist["best"].any():  # fit flags each new best; the last flag is the epoch kept
+            kept = int(hist.loc[hist["best"].astype(bool), "epoch"].iloc[-1]) + 1
+            ax.axvline(kept, color="k", ls=":", lw=1, label=f"kept: epoch {kept} (best validation)")
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         viz.epoch_axis(ax)
         ax.grid(alpha=0.3)
