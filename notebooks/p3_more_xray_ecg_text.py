@@ -212,7 +212,9 @@ differences.round(3)
 # map puts there), their ratio ("lift", 1 = chance), the pointing game (is the map's peak
 # inside the finding?), and how peaked the map is at all (peak / mean, 1 = flat). The
 # cardiomegaly mask is the whole heart, while the evidence is its width, so its edges matter
-# more than its inside. **ECG**: the rollout over the ECG tokens, drawn over time.
+# more than its inside. In the figure each map is stretched from its own minimum to its maximum,
+# so that its shape shows; its title gives its peak / mean, and a rollout near 1 is almost flat.
+# **ECG**: the rollout over the ECG tokens, drawn over time.
 # **UMAP**: the test subjects' three embeddings in one plot, by modality and by hidden condition.
 # Expect each modality in its own region: contrastive spaces keep a "modality gap" (Liang et al.,
 # NeurIPS 2022), and what the loss aligns is the relative position of a patient within each.

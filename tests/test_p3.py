@@ -527,11 +527,15 @@ def test_real_data_path_without_truth_or_masks(cohort, data, trained):
     assert p3.condition_labels(real, data) is None
     fig = p3.attention_figure(model, data, None, per_finding=1)
     assert len(fig.axes) >= 4
-    # one colour bar for the X-ray maps (each drawn as map / its maximum), one for the ECG rollout
-    bars = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel() in ("X-ray map / its maximum", "ECG attention")}
-    assert set(bars) == {"X-ray map / its maximum", "ECG attention"}
+    # one colour bar for the X-ray maps, one for the ECG rollout: each map runs from its min to its max
+    xray_bar, ecg_bar = "X-ray map, each from its min to its max", "ECG attention"
+    bars = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel() in (xray_bar, ecg_bar)}
+    assert set(bars) == {xray_bar, ecg_bar}
+    assert all([t.get_text() for t in bar.get_yticklabels()] == ["min", "max"] for bar in bars.values())
     overlays = [im for ax in fig.axes for im in ax.get_images()[1:]]  # the map over each radiograph
-    assert overlays and all(im.get_clim() == (0.0, 1.0) and float(im.get_array().max()) == 1.0 for im in overlays)
+    assert overlays and all(im.get_clim() == (0.0, 1.0) and float(im.get_array().min()) == 0.0
+                            and float(im.get_array().max()) == 1.0 for im in overlays)
+    assert all("peak / mean" in ax.get_title() for ax in fig.axes if len(ax.get_images()) == 2)
     fig = p3.umap_figure(model, data, None)
     labels = {t.get_text() for t in fig.axes[1].get_legend().get_texts()}
     assert labels <= {"NORM ECG", "abnormal ECG"} and labels

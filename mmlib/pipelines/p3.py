@@ -1292,7 +1292,7 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
     fig = plt.figure(figsize=(3.2 * len(findings), 3.0 * n_rows + 3.2))
     grid = fig.add_gridspec(n_rows + 1, len(findings) + 1, height_ratios=(1,) * n_rows + (0.9,),
                             width_ratios=(1,) * len(findings) + (0.06,))
-    shown_map = shown_ecg = None  # the last map drawn of each kind, for the colour bars
+    drawn = {"xray": False, "ecg": False}  # which colour bars the figure needs
     for j, finding in enumerate(findings):
         if masks is not None:
             has = idx[((masks[idx] & FINDING_BITS[finding]) > 0).reshape(len(idx), -1).any(1)]
@@ -1311,12 +1311,17 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
             else:
                 amap, what = xray_saliency_maps(model, data, [i], finding, size=size)[0], "saliency"
             ax.imshow(img, cmap="gray", extent=(0, size, size, 0))
-            shown_map = ax.imshow(amap / max(float(amap.max()), 1e-12), cmap="inferno", alpha=0.45, vmin=0.0, vmax=1.0,
-                                  extent=(0, size, size, 0))
+            # each map stretched from its min to its max (a rollout is nearly flat: drawn from 0 it hides
+            # where it is higher); the title gives its contrast, peak over mean
+            lo, hi = float(amap.min()), float(amap.max())
+            ax.imshow((amap - lo) / max(hi - lo, 1e-12), cmap="inferno", alpha=0.45, vmin=0.0, vmax=1.0,
+                      extent=(0, size, size, 0))
+            drawn["xray"] = True
             if masks is not None:
                 ax.contour((masks[i] & FINDING_BITS[finding]) > 0, levels=[0.5], colors=[_FINDING_COLOURS[finding]],
                            linewidths=1.8)
-            ax.set_title(f"{finding.replace('_', ' ')} · {data.table['subject_id'].iloc[i]} · {what}", fontsize=8)
+            ax.set_title(f"{finding.replace('_', ' ')} · {data.table['subject_id'].iloc[i]} · {what}\n"
+                         f"peak / mean {hi / max(float(amap.mean()), 1e-12):.2f}", fontsize=8)
     examples = [(c, idx[data.ecg_labels[idx, data.ecg_classes.index(c)] > 0]) for c in ("MI", "CD")]
     examples = [(c, int(e[0])) for c, e in examples if len(e)]
     half = len(findings) // 2
@@ -1325,8 +1330,9 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
         att = ecg_attention(model, data, [i])[0]
         seconds = data.ecg.shape[-1] / 100.0
         span = max(float(att.max() - att.min()), 1e-12)
-        shown_ecg = ax.imshow(((att - att.min()) / span)[None], aspect="auto", cmap="Reds", alpha=0.6, vmin=0.0, vmax=1.0,
-                              extent=(0, seconds, -2.4, 2.4))
+        ax.imshow(((att - att.min()) / span)[None], aspect="auto", cmap="Reds", alpha=0.6, vmin=0.0, vmax=1.0,
+                  extent=(0, seconds, -2.4, 2.4))
+        drawn["ecg"] = True
         t = np.arange(data.ecg.shape[-1]) / 100.0
         for off, lead in ((1.2, "II"), (-1.2, "V1")):
             ax.plot(t, data.ecg[i, STANDARD_LEADS.index(lead)].numpy() + off, color="black", lw=0.7)
@@ -1335,13 +1341,15 @@ def attention_figure(model: MoRE, data: P3Data, masks: np.ndarray | None, *, spl
                title=f"ECG attention over time ({cls}, {data.table['subject_id'].iloc[i]}); "
                      f"max / min {att.max() / max(att.min(), 1e-12):.2f}")
         ax.title.set_fontsize(9)
-    if shown_map is not None:
-        bar = fig.colorbar(shown_map, cax=fig.add_subplot(grid[:n_rows, -1]))
-        bar.set_label("X-ray map / its maximum")
-    if shown_ecg is not None:
-        bar = fig.colorbar(shown_ecg, cax=fig.add_subplot(grid[n_rows, -1]), ticks=[0, 1])
-        bar.ax.set_yticklabels(["min", "max"])
-        bar.set_label("ECG attention", fontsize=8)
+    # both kinds of map are drawn from their own min to their own max; the bars show the colours
+    # unblended (the overlays are translucent)
+    for kind, rows, cmap, label in (("xray", slice(0, n_rows), "inferno", "X-ray map, each from its min to its max"),
+                                    ("ecg", n_rows, "Reds", "ECG attention")):
+        if drawn[kind]:
+            scale = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap=cmap)
+            bar = fig.colorbar(scale, cax=fig.add_subplot(grid[rows, -1]), ticks=[0, 1])
+            bar.ax.set_yticklabels(["min", "max"])
+            bar.set_label(label, fontsize=8 if kind == "ecg" else 10)
     fig.suptitle("X-ray: attention rollout and the finding's gradient saliency (planted finding outlined); "
                  "ECG: attention rollout over time (red, scaled to its range)", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
